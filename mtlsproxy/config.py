@@ -1,0 +1,337 @@
+"""
+Command line and TOML file -> one frozen, fully validated L{Config}.
+
+Everything here is pure: no reactor, no sockets.  Files are only opened to
+read password files and the TOML file; certificates are loaded by
+L{mtlsproxy.certs}.  Each check names the option (or the TOML key and file)
+so that the operator's one line on stderr says what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+KEYSTORE_PASSWORD_ENV = "MTLSPROXY_KEYSTORE_PASSWORD"
+TRUSTSTORE_PASSWORD_ENV = "MTLSPROXY_TRUSTSTORE_PASSWORD"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """
+    Where the plain-HTTP application listens.
+
+    @ivar url: the value as the operator wrote it, for messages.
+    @ivar host: host name or address for C{http://} backends.
+    @ivar port: TCP port for C{http://} backends.
+    @ivar path: socket path for C{unix:} backends.
+    """
+
+    url: str
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+
+def parse_backend(value: str, option: str = "--backend") -> Backend:
+    """
+    Parse C{http://HOST:PORT} or C{unix:/path}.
+
+    Only plain HTTP is accepted: the backend is a legacy application on the same
+    host or network, and a silently ignored C{https://} would be a surprise.
+    """
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ConfigError(option, f"{value!r} names no socket path (use unix:/path/to/socket)")
+        return Backend(url=value, path=path)
+    parts = urlsplit(value)
+    if parts.scheme != "http":
+        raise ConfigError(
+            option,
+            f"{value!r} is not http://HOST:PORT or unix:/path "
+            "(the backend is spoken to in plain HTTP)",
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            option,
+            f"{value!r} has a path; the client's path is forwarded unchanged, give only HOST:PORT",
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(option, f"{value!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(option, f"{value!r} names no host")
+    return Backend(url=value, host=parts.hostname, port=port if port is not None else 80)
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    The validated configuration of one proxy.
+
+    Passwords are resolved (from their file or the environment) when the
+    configuration is built, so that a missing password file is a start-up error.
+    """
+
+    backend: Backend
+    listen: str = "tcp:8443"
+    cert: Path | None = None
+    key: Path | None = None
+    keystore: Path | None = None
+    keystore_password: bytes | None = field(default=None, repr=False)
+    ca: Path | None = None
+    truststore: Path | None = None
+    truststore_password: bytes | None = field(default=None, repr=False)
+    crl: tuple[Path, ...] = ()
+    client_auth: Literal["required", "optional"] = "required"
+    allow_cn: tuple[str, ...] = ()
+    allow_ou: tuple[str, ...] = ()
+    allow_san: tuple[str, ...] = ()
+    min_tls: Literal["1.2", "1.3"] = "1.2"
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    backend_connect_timeout: float = 5.0
+    backend_timeout: float = 60.0
+    max_header_bytes: int = 65536
+    metrics: str | None = None
+    workers: int = 1
+    shutdown_timeout: float = 10.0
+    config_file: Path | None = None
+
+
+#: option name (as on the command line, without dashes) -> kind of value
+OPTIONS: dict[str, str] = {
+    "listen": "str",
+    "backend": "str",
+    "cert": "path",
+    "key": "path",
+    "keystore": "path",
+    "keystore-password-file": "path",
+    "ca": "path",
+    "truststore": "path",
+    "truststore-password-file": "path",
+    "crl": "paths",
+    "client-auth": "str",
+    "allow-cn": "strs",
+    "allow-ou": "strs",
+    "allow-san": "strs",
+    "min-tls": "str",
+    "handshake-timeout": "seconds",
+    "idle-timeout": "seconds",
+    "backend-connect-timeout": "seconds",
+    "backend-timeout": "seconds",
+    "max-header-bytes": "count",
+    "metrics": "str",
+    "workers": "count",
+    "shutdown-timeout": "seconds",
+}
+
+REPEATABLE = frozenset(name for name, kind in OPTIONS.items() if kind in ("paths", "strs"))
+
+_SAN_PREFIXES = ("DNS:", "URI:", "email:", "IP:")
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """
+    Read a TOML configuration file into a raw option mapping.
+
+    Values keep their TOML types; L{build_config} checks them, naming the key and file.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError("--config", f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError("--config", f"{path}: is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path}: not valid TOML: {e}") from None
+    for key in data:
+        if key not in OPTIONS:
+            raise ConfigError(None, f"unknown key {key!r}", source=str(path))
+    return data
+
+
+def _read_password(option: str, path: Path, source: str | None) -> bytes:
+    """The file's content with its trailing newline stripped, as the interface says."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(option, f"{path}: no such file", source) from None
+    except PermissionError:
+        raise ConfigError(option, f"{path}: permission denied", source) from None
+    except IsADirectoryError:
+        raise ConfigError(option, f"{path}: is a directory", source) from None
+    return raw.rstrip(b"\r\n")
+
+
+def _coerce(name: str, value: Any, source: str | None) -> Any:
+    """Check one raw value against its option's kind and convert it."""
+    kind = OPTIONS[name]
+    option = f"--{name}" if source is None else name
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(option, problem, source=source)
+
+    if kind in ("paths", "strs"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise fail(f"expected a list of strings, got {value!r}")
+        if kind == "paths":
+            return tuple(Path(v) for v in value)
+        return tuple(value)
+    if kind in ("str", "path"):
+        if not isinstance(value, str) or not value:
+            raise fail(f"expected a non-empty string, got {value!r}")
+        return Path(value) if kind == "path" else value
+    if kind == "seconds":
+        if isinstance(value, bool):
+            raise fail(f"expected a number of seconds, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise fail(f"expected a number of seconds, got {value!r}") from None
+        if not number > 0 or number == float("inf"):
+            raise fail(f"must be a positive number of seconds, got {value!r}")
+        return number
+    if kind == "count":
+        if isinstance(value, bool):
+            raise fail(f"expected a whole number, got {value!r}")
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            raise fail(f"expected a whole number, got {value!r}") from None
+        if isinstance(value, float) and count != value:
+            raise fail(f"expected a whole number, got {value!r}")
+        if count < 1:
+            raise fail(f"must be at least 1, got {value!r}")
+        return count
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def build_config(
+    command_line: Mapping[str, Any],
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """
+    Merge the TOML file (if any) and the command line, then validate everything.
+
+    @param command_line: option name (without dashes) -> value, only for the
+        options the operator actually gave; repeatable ones as lists.
+    @param config_file: the C{--config} file, read here.
+    @raise ConfigError: naming the option or key that is wrong.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[str, str | None] = {}
+    if config_file is not None:
+        for name, value in load_toml(config_file).items():
+            merged[name] = _coerce(name, value, str(config_file))
+            sources[name] = str(config_file)
+    for name, value in command_line.items():
+        if name not in OPTIONS:
+            raise ConfigError(f"--{name}", "unknown option")
+        merged[name] = _coerce(name, value, None)
+        sources[name] = None
+
+    def option(name: str) -> str:
+        return f"--{name}" if sources.get(name) is None else name
+
+    def fail(name: str, problem: str) -> ConfigError:
+        return ConfigError(option(name), problem, source=sources.get(name))
+
+    if "backend" not in merged:
+        raise ConfigError("--backend", "is required (http://HOST:PORT or unix:/path)")
+    backend = parse_backend(merged["backend"], option("backend"))
+
+    client_auth = merged.get("client-auth", "required")
+    if client_auth not in ("required", "optional"):
+        raise fail("client-auth", f"must be 'required' or 'optional', got {client_auth!r}")
+    min_tls = merged.get("min-tls", "1.2")
+    if min_tls not in ("1.2", "1.3"):
+        raise fail("min-tls", f"must be '1.2' or '1.3', got {min_tls!r}")
+
+    has_pem = "cert" in merged or "key" in merged
+    if has_pem and "keystore" in merged:
+        raise fail("keystore", "give either --cert/--key or --keystore, not both")
+    if has_pem:
+        for name in ("cert", "key"):
+            if name not in merged:
+                other = "key" if name == "cert" else "cert"
+                raise ConfigError(f"--{name}", f"is required together with --{other}")
+    elif "keystore" not in merged:
+        raise ConfigError(
+            "--cert", "the server needs a certificate: give --cert and --key, or --keystore"
+        )
+    if "ca" in merged and "truststore" in merged:
+        raise fail("truststore", "give either --ca or --truststore, not both")
+    if "ca" not in merged and "truststore" not in merged:
+        raise ConfigError(
+            "--ca",
+            "client certificates need a trusted CA: give --ca or --truststore "
+            "(mtlsproxy never falls back to the system trust store)",
+        )
+    for name in ("allow-san",):
+        for value in merged.get(name, ()):
+            if not value.startswith(_SAN_PREFIXES):
+                raise fail(name, f"{value!r} must start with DNS:, URI:, email: or IP:")
+
+    env = os.environ if environ is None else environ
+
+    def password(store: str, env_name: str) -> bytes | None:
+        name = f"{store}-password-file"
+        if store not in merged:
+            return None
+        if name in merged:
+            return _read_password(option(name), merged[name], sources.get(name))
+        value = env.get(env_name)
+        return None if value is None else value.encode("utf-8")
+
+    keystore_password = password("keystore", KEYSTORE_PASSWORD_ENV)
+    truststore_password = password("truststore", TRUSTSTORE_PASSWORD_ENV)
+
+    return Config(
+        backend=backend,
+        listen=merged.get("listen", "tcp:8443"),
+        cert=merged.get("cert"),
+        key=merged.get("key"),
+        keystore=merged.get("keystore"),
+        keystore_password=keystore_password,
+        ca=merged.get("ca"),
+        truststore=merged.get("truststore"),
+        truststore_password=truststore_password,
+        crl=merged.get("crl", ()),
+        client_auth=client_auth,
+        allow_cn=merged.get("allow-cn", ()),
+        allow_ou=merged.get("allow-ou", ()),
+        allow_san=merged.get("allow-san", ()),
+        min_tls=min_tls,
+        handshake_timeout=merged.get("handshake-timeout", 10.0),
+        idle_timeout=merged.get("idle-timeout", 60.0),
+        backend_connect_timeout=merged.get("backend-connect-timeout", 5.0),
+        backend_timeout=merged.get("backend-timeout", 60.0),
+        max_header_bytes=merged.get("max-header-bytes", 65536),
+        metrics=merged.get("metrics"),
+        workers=merged.get("workers", 1),
+        shutdown_timeout=merged.get("shutdown-timeout", 10.0),
+        config_file=config_file,
+    )
+
