@@ -1,0 +1,309 @@
+"""
+The backend half: HTTP/1.1 connections to the plain-HTTP application, kept alive in a pool.
+
+A connection carries one exchange at a time.  It knows nothing about the
+client: it writes the request head and body it is given, parses the response
+with llhttp (httptools) and reports each event to the L{BackendExchange} it is
+serving.  Reading from the backend is paused and resumed by the client side
+when the client reads slowly; writing to the backend pauses the client when the
+backend reads slowly.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol as TypingProtocol
+
+import httptools
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..config import Backend
+
+log = Logger()
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class BackendExchange(TypingProtocol):
+    """What a backend connection reports to, for the exchange it is serving."""
+
+    def backend_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
+
+    def backend_headers(
+        self, status: int, reason: bytes, headers: Headers, version: bytes
+    ) -> None: ...
+
+    def backend_body(self, data: bytes) -> None: ...
+
+    def backend_complete(self) -> None: ...
+
+    def backend_failed(self, reason: str, response_started: bool) -> None: ...
+
+
+class BackendProtocolError(Exception):
+    """The backend's answer could not be parsed as HTTP/1.1."""
+
+
+class BackendConnection(Protocol):
+    """
+    One HTTP/1.1 connection to the backend.
+
+    @ivar reusable: whether the connection may serve another exchange once the
+        current one is complete (the backend kept it alive and framed the
+        response so that its end was known).
+    """
+
+    def __init__(self, pool: BackendPool) -> None:
+        self._pool = pool
+        self._exchange: BackendExchange | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_request = False
+        self._headers: Headers = []
+        self._reason = b""
+        self._status = 0
+        self._response_started = False
+        self._close_delimited = False
+        self._complete = False
+        self.reusable = False
+        self.connected = False
+        self.used = 0
+
+    # -- Protocol ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._exchange is None:
+            # Bytes nobody asked for: the backend is out of step; never reuse.
+            self.reusable = False
+            self.transport.loseConnection()
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(f"invalid HTTP response from backend: {e}")
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self.reusable = False
+        self._pool._lost(self)
+        exchange = self._exchange
+        if exchange is None:
+            return
+        if self._close_delimited and self._response_started and not self._complete:
+            # A body delimited by the end of the connection has now ended.
+            self._complete = True
+            self._exchange = None
+            exchange.backend_complete()
+            return
+        self._exchange = None
+        exchange.backend_failed(
+            "backend closed the connection" + _describe(reason), self._response_started
+        )
+
+    # -- driven by the client side ----------------------------------------
+
+    def start(self, exchange: BackendExchange, head: bytes, method: bytes) -> None:
+        """Begin an exchange: send the request head; the body follows through L{write}."""
+        self._exchange = exchange
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_request = method == b"HEAD"
+        self._response_started = False
+        self._close_delimited = False
+        self._complete = False
+        self.reusable = False
+        self.used += 1
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def write_sequence(self, data: list[bytes]) -> None:
+        self.transport.writeSequence(data)
+
+    def abandon(self) -> None:
+        """The client side gave up on this exchange: the connection is in an unknown state."""
+        self._exchange = None
+        self.reusable = False
+        self.transport.abortConnection()
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        exchange = self._exchange
+        assert parser is not None and exchange is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise BackendProtocolError("backend switched protocols, which is not supported")
+            exchange.backend_informational(status, self._reason, self._headers)
+            return
+        self._status = status
+        self._response_started = True
+        has_length = False
+        chunked = False
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                has_length = True
+            elif lower == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
+                chunked = True
+        no_body = self._head_request or status in (204, 304)
+        self._close_delimited = not (no_body or has_length or chunked)
+        exchange.backend_headers(
+            status, self._reason, self._headers, parser.get_http_version().encode("ascii")
+        )
+        if self._head_request and self._exchange is exchange and not self._complete:
+            # llhttp cannot be told that a HEAD response has no body: end it here.
+            self._finish(parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self._exchange is not None and not self._complete:
+            self._exchange.backend_body(body)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        if parser is None or self._exchange is None or not self._response_started:
+            return  # the end of a 1xx response
+        if self._complete:
+            return
+        self._finish(parser.should_keep_alive() and not self._close_delimited)
+
+    # -- internals ---------------------------------------------------------
+
+    def _finish(self, keep_alive: bool) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        self._complete = True
+        self.reusable = keep_alive
+        self._exchange = None
+        exchange.backend_complete()
+
+    def _fail(self, reason: str) -> None:
+        exchange = self._exchange
+        self._exchange = None
+        self.reusable = False
+        self.transport.abortConnection()
+        if exchange is not None:
+            exchange.backend_failed(reason, self._response_started)
+
+
+def _describe(reason: Failure) -> str:
+    if reason.check(error.ConnectionDone):
+        return ""
+    return f" ({reason.getErrorMessage()})"
+
+
+class BackendPool:
+    """
+    Keep-alive connections to one backend, handed out one exchange at a time.
+
+    Idle connections are kept up to C{max_idle}; one that the backend closes
+    while idle simply leaves the pool.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        backend: Backend,
+        connect_timeout: float,
+        max_idle: int = 256,
+        endpoint: IStreamClientEndpoint | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.backend = backend
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._idle: deque[BackendConnection] = deque()
+        self._endpoint = endpoint or self._make_endpoint()
+        self._factory = Factory.forProtocol(lambda: BackendConnection(self))
+        self._factory.noisy = False  # one log line per backend connection is noise
+        self.open_connections = 0
+
+    def _make_endpoint(self) -> IStreamClientEndpoint:
+        b = self.backend
+        if b.path is not None:
+            return UNIXClientEndpoint(self._reactor, b.path, timeout=self._connect_timeout)
+        assert b.host is not None and b.port is not None
+        return HostnameEndpoint(
+            self._reactor, b.host.encode("idna"), b.port, timeout=self._connect_timeout
+        )
+
+    def acquire(self) -> tuple[BackendConnection | None, defer.Deferred[BackendConnection] | None]:
+        """
+        An idle connection right away, or a Deferred for a new one.
+
+        Returning the idle connection directly (rather than through an already
+        fired Deferred) keeps the common keep-alive path free of Deferred overhead.
+        """
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.connected:
+                return conn, None
+        return None, self.connect()
+
+    def connect(self) -> defer.Deferred[BackendConnection]:
+        """A new connection, failing after the connect timeout."""
+        d: defer.Deferred[BackendConnection] = self._endpoint.connect(self._factory)
+        d.addTimeout(self._connect_timeout, self._reactor)  # type: ignore[arg-type]
+
+        def opened(conn: BackendConnection) -> BackendConnection:
+            self.open_connections += 1
+            return conn
+
+        d.addCallback(opened)
+        return d
+
+    def release(self, conn: BackendConnection) -> None:
+        """Give back a connection whose exchange is complete."""
+        if conn.reusable and conn.connected and len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        elif conn.connected:
+            conn.transport.loseConnection()
+
+    def _lost(self, conn: BackendConnection) -> None:
+        self.open_connections -= 1
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_idle(self) -> None:
+        """Close every idle connection (at shutdown)."""
+        while self._idle:
+            self._idle.pop().transport.loseConnection()
+
+
+def connect_error_reason(failure: Failure) -> str:
+    """Plain words for why a backend connection could not be made."""
+    if failure.check(defer.TimeoutError, error.TimeoutError):
+        return "backend connect timeout"
+    if failure.check(error.ConnectionRefusedError):
+        return "backend refused the connection"
+    if failure.check(error.DNSLookupError):
+        return "backend host name does not resolve"
+    return f"backend unreachable: {failure.getErrorMessage()}"

@@ -1,0 +1,95 @@
+"""
+Pure: which client-sent headers reach the backend, and which backend headers reach the client.
+
+Two rules make the identity header trustworthy: every header a client could use
+to pose as the proxy is dropped whatever its case and whether it is spelled
+with C{-} or C{_} (WSGI and CGI map both to the same variable), and the
+C{Connection} header can only remove headers the client sent, never the ones
+the proxy adds afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Headers only the proxy may set (compared after lower-casing and "_" -> "-").
+_RESERVED_EXACT = frozenset(
+    {
+        b"x-forwarded-client-cert",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+    }
+)
+_RESERVED_PREFIX = b"x-client-cert"
+
+#: Hop-by-hop headers (RFC 9110 section 7.6.1), handled per connection.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+
+
+def normalise(name: bytes) -> bytes:
+    """The form two spellings of a header share: lower case, C{_} read as C{-}."""
+    return name.lower().replace(b"_", b"-")
+
+
+def is_reserved(name: bytes) -> bool:
+    """True for headers that only mtlsproxy may send to the backend."""
+    n = normalise(name)
+    return n.startswith(_RESERVED_PREFIX) or n in _RESERVED_EXACT
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lower-cased options of every C{Connection} header, e.g. C{close}, C{keep-alive}."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return frozenset(tokens)
+
+
+def _is_hop_by_hop(lower: bytes, named: frozenset[bytes]) -> bool:
+    return lower in _HOP_BY_HOP or lower.startswith(b"proxy-") or lower in named
+
+
+def request_headers_for_backend(
+    headers: Iterable[tuple[bytes, bytes]], connection: frozenset[bytes]
+) -> Headers:
+    """
+    The client's end-to-end headers, minus everything reserved for the proxy.
+
+    C{Expect} is dropped too: the proxy answers C{100-continue} itself.
+    """
+    kept: Headers = []
+    for name, value in headers:
+        lower = name.lower()
+        if _is_hop_by_hop(lower, connection) or lower == b"expect" or is_reserved(name):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def response_headers_for_client(
+    headers: Iterable[tuple[bytes, bytes]], connection: frozenset[bytes]
+) -> Headers:
+    """The backend's end-to-end headers; framing is redone by the proxy for the client hop."""
+    return [
+        (name, value)
+        for name, value in headers
+        if not _is_hop_by_hop(name.lower(), connection) and name.lower() != b"content-length"
+    ]

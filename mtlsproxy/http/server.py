@@ -1,0 +1,764 @@
+"""
+The client half: an HTTP/1.1 server protocol, inside the TLS layer, that forwards each request.
+
+Why not twisted.web: its C{Request} reads the whole body before any resource
+sees it, it never keeps HTTP/1.0 connections alive, and its proxy resource
+opens a backend connection per request.  Here llhttp (httptools) parses, the
+request head is forwarded as soon as it is complete, body chunks are written
+to the backend as they arrive, and each side pauses the other when it cannot
+keep up (see docs/design.md).
+
+One client connection serves its requests in order.  Pipelined requests are
+queued with their bodies while the one before them is answered, and reading
+from the client stops as soon as one is waiting, so what is held is bounded by
+what one read delivers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from OpenSSL import SSL
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .. import tls
+from ..identity import ClientIdentity, identity_from_certificate, identity_headers
+from .backend import BackendConnection, BackendPool, Headers, connect_error_reason
+from .headers import (
+    connection_tokens,
+    request_headers_for_backend,
+    response_headers_for_client,
+)
+
+log = Logger("mtlsproxy")
+access_log = Logger("mtlsproxy.access")
+
+_REASONS = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """What the forwarding needs from the configuration, resolved once."""
+
+    handshake_timeout: float
+    idle_timeout: float
+    backend_timeout: float
+    max_header_bytes: int
+    client_auth_required: bool
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class Request:
+    """One request from the client, from its head to the last body byte."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "headers",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "expect_continue",
+        "body_done",
+        "pending",
+        "started",
+        "backend_version",
+    )
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = False
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.body_done = False
+        self.pending: list[bytes] = []
+        self.started = 0.0
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def _sanitise_reason(reason: bytes) -> bytes:
+    return bytes(b for b in reason if 0x20 <= b < 0x7F or b == 0x09) or b"Unknown"
+
+
+@implementer(IHandshakeListener)
+class ClientConnection(Protocol):
+    """
+    One client, after (and during) its TLS handshake.
+
+    The protocol sits inside L{twisted.protocols.tls.TLSMemoryBIOProtocol}, so
+    C{self.transport} is the TLS transport and C{getHandle()} the OpenSSL
+    connection that holds the verified peer certificate.
+    """
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self.settings = factory.settings
+        self.clock = factory.clock
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = "-"
+        self.identity: ClientIdentity | None = None
+        self.identity_headers: Headers = []
+        self.handshake_done = False
+        self.closed = False
+        self.queue: deque[Request] = deque()
+        self.current: Request | None = None
+        self.parsing: Request | None = None
+        self.exchange: Exchange | None = None
+        self.broken: tuple[int, str] | None = None
+        self._timer: IDelayedCall | None = None
+        self._pauses: set[str] = set()
+        self._url = b""
+        self._headers: Headers = []
+        self._header_bytes = 0
+        self._header_name: bytes | None = None
+        self._in_message = False
+
+    # -- connection life --------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self.peer = f"{host}:{peer.port}" if host is not None else str(peer)
+        self.peer_host = host or ""
+        self.factory.open_connections += 1
+        self._set_timer(self.settings.handshake_timeout, self._handshake_timed_out)
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        conn: SSL.Connection = self.transport.getHandle()
+        cert = conn.get_peer_certificate(as_cryptography=True)
+        if cert is not None:
+            self.identity = identity_from_certificate(cert)
+            self.identity_headers = identity_headers(self.identity)
+        elif self.settings.client_auth_required:  # pragma: no cover - OpenSSL refuses first
+            self._refuse("certificate required")
+            return
+        self._set_timer(self.settings.idle_timeout, self._idle_timed_out)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self.factory.open_connections -= 1
+        self._cancel_timer()
+        if not self.handshake_done:
+            handle = None
+            try:
+                handle = self.transport.getHandle()
+            except Exception:  # pragma: no cover - transport without a handle
+                pass
+            log.info(
+                "refused {peer}: {reason}",
+                peer=self.peer,
+                reason=tls.refusal_reason(handle, reason),
+            )
+            return
+        if self.exchange is not None:
+            self.exchange.client_lost()
+
+    def _refuse(self, reason: str) -> None:
+        log.info("refused {peer}: {reason}", peer=self.peer, reason=reason)
+        self.handshake_done = True  # the refusal is logged; do not log it again
+        self.transport.abortConnection()
+
+    # -- timers -----------------------------------------------------------
+
+    def _set_timer(self, seconds: float, call: Callable[[], None]) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(seconds, call)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if not self.handshake_done:
+            self._refuse("handshake timeout")
+
+    def _idle_timed_out(self) -> None:
+        self._timer = None
+        if self.current is not None:
+            return
+        if self._in_message:
+            log.info("closing {peer}: request headers not received in time", peer=self.peer)
+            self._send_error(408, "request headers not received in time")
+        else:
+            self.transport.loseConnection()
+
+    # -- reading from the client ------------------------------------------
+
+    def pause(self, why: str) -> None:
+        if not self._pauses:
+            self.transport.pauseProducing()
+        self._pauses.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self._pauses:
+            self._pauses.discard(why)
+            if not self._pauses and not self.closed:
+                self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.broken is not None or self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The head was complete and has been queued without its Upgrade
+            # header; what follows is not HTTP, so the connection ends with
+            # this request.
+            if self.parsing is not None:
+                self.parsing.keep_alive = False
+                self._body_complete(self.parsing)
+            self.broken = (0, "upgrade requested")
+            self.pause("upgrade")
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _HeadersTooLarge):
+                self._break(431, "request headers too large")
+            elif isinstance(cause, _BadRequest):
+                self._break(400, str(cause))
+            else:
+                self._break(500, f"internal error: {cause!r}")
+                log.failure("request handling failed", Failure(cause) if cause else None)
+        except httptools.HttpParserError as e:
+            self._break(400, f"malformed request: {e}")
+
+    def _break(self, status: int, reason: str) -> None:
+        """The byte stream cannot be trusted past this point: answer once, then close."""
+        self.broken = (status, reason)
+        self.pause("broken")
+        queued = self.parsing
+        if queued is not None and queued is not self.current:
+            # A queued request whose body went wrong is never forwarded.
+            self.queue.remove(queued)
+            self.parsing = None
+        if self.parsing is not None and self.parsing is self.current and self.exchange:
+            # The request being forwarded has a body that went wrong mid-way.
+            self.exchange.client_body_failed(reason)
+            return
+        if self.current is None:
+            log.info("refused {peer}: {reason}", peer=self.peer, reason=reason)
+            self._send_error(status, reason)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.settings.max_header_bytes:
+            raise _HeadersTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.settings.max_header_bytes:
+            raise _HeadersTooLarge()
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        version = parser.get_http_version().encode("ascii")
+        if version not in (b"1.1", b"1.0"):
+            raise _BadRequest(f"unsupported HTTP version {version.decode()}")
+        request = Request(parser.get_method(), self._url, version, self._headers)
+        tokens = connection_tokens(request.headers)
+        if version == b"1.1":
+            request.keep_alive = b"close" not in tokens
+        else:
+            request.keep_alive = b"keep-alive" in tokens
+        has_host = False
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                request.content_length = int(value)
+            elif lower == b"transfer-encoding":
+                if version == b"1.0":
+                    raise _BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+                request.chunked = True
+            elif lower == b"host":
+                if has_host:
+                    raise _BadRequest("more than one Host header")
+                has_host = True
+            elif lower == b"expect" and value.strip().lower() == b"100-continue":
+                request.expect_continue = version == b"1.1"
+        if version == b"1.1" and not has_host:
+            raise _BadRequest("HTTP/1.1 request without Host")
+        self._in_message = False
+        self.parsing = request
+        self.queue.append(request)
+        if self.current is None:
+            self._start_next()
+        else:
+            self.pause("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        if request is self.current and self.exchange is not None and self.exchange.forwarding:
+            self.exchange.client_body(body)
+        else:
+            request.pending.append(body)
+            self.pause("body-wait")
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        if request is not None:
+            self._body_complete(request)
+
+    def _body_complete(self, request: Request) -> None:
+        request.body_done = True
+        self.parsing = None
+        if request is self.current and self.exchange is not None and self.exchange.forwarding:
+            self.exchange.client_body_done()
+
+    # -- exchanges --------------------------------------------------------
+
+    def _start_next(self) -> None:
+        if not self.queue:
+            return
+        request = self.queue.popleft()
+        self.current = request
+        self._cancel_timer()
+        request.started = time.monotonic()
+        self.exchange = Exchange(self, request)
+        self.exchange.start()
+
+    def exchange_done(self, keep_alive: bool) -> None:
+        """Called by the exchange once the response has been written in full."""
+        self.current = None
+        self.exchange = None
+        if not keep_alive or self.closed:
+            self.transport.loseConnection()
+            return
+        if self.queue:
+            self._start_next()
+            if not self.queue:
+                self.resume("pipeline")
+            return
+        self.resume("pipeline")
+        if self.broken is not None:
+            status, reason = self.broken
+            if status:
+                log.info("refused {peer}: {reason}", peer=self.peer, reason=reason)
+                self._send_error(status, reason)
+            else:
+                self.transport.loseConnection()
+            return
+        self._set_timer(self.settings.idle_timeout, self._idle_timed_out)
+
+    def _send_error(self, status: int, reason: str) -> None:
+        """An answer of the proxy's own, after which the connection closes."""
+        body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
+        self.transport.write(
+            _status_line(status, _REASONS[status])
+            + b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        self.transport.loseConnection()
+
+
+@implementer(IPushProducer)
+class _PauseClient:
+    """Registered with the backend transport: a full backend pauses reading from the client."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+
+    def pauseProducing(self) -> None:
+        self.client.pause("backend-full")
+
+    def resumeProducing(self) -> None:
+        self.client.resume("backend-full")
+
+    def stopProducing(self) -> None:
+        self.client.resume("backend-full")
+
+
+@implementer(IPushProducer)
+class _PauseBackend:
+    """Registered with the client transport: a slow client pauses reading from the backend."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def pauseProducing(self) -> None:
+        backend = self.exchange.backend
+        if backend is not None and backend.connected:
+            backend.pause_reading()
+
+    def resumeProducing(self) -> None:
+        backend = self.exchange.backend
+        if backend is not None and backend.connected:
+            backend.resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Exchange:
+    """
+    One request forwarded and its response streamed back.
+
+    @ivar forwarding: the backend connection is ready for body bytes.
+    """
+
+    def __init__(self, client: ClientConnection, request: Request) -> None:
+        self.client = client
+        self.request = request
+        self.backend: BackendConnection | None = None
+        self.forwarding = False
+        self.response_started = False
+        self.finished = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.keep_alive = request.keep_alive
+        self.chunked_out = False
+        self.retried = False
+        self._timeout: IDelayedCall | None = None
+        self._client_producer: _PauseBackend | None = None
+        self._backend_producer: _PauseClient | None = None
+
+    @property
+    def pool(self) -> BackendPool:
+        return self.client.factory.pool
+
+    # -- towards the backend ----------------------------------------------
+
+    def start(self) -> None:
+        request = self.request
+        if request.expect_continue:
+            self.client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn, pending = self.pool.acquire()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            assert pending is not None
+            self.client.pause("connecting")
+            pending.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: BackendConnection) -> None:
+        self.client.resume("connecting")
+        if self.finished or self.client.closed:
+            self.pool.release(conn)
+            return
+        self._attach(conn)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.client.resume("connecting")
+        if self.finished or self.client.closed:
+            return
+        self._respond_error(502, connect_error_reason(failure))
+
+    def _head(self) -> bytes:
+        request = self.request
+        connection = connection_tokens(request.headers)
+        headers = request_headers_for_backend(request.headers, connection)
+        client = self.client
+        host = b""
+        for name, value in request.headers:
+            if name.lower() == b"host":
+                host = value
+        parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += [name, b": ", value, b"\r\n"]
+        for name, value in client.identity_headers:
+            parts += [name, b": ", value, b"\r\n"]
+        parts += [b"X-Forwarded-For: ", client.peer_host.encode("ascii"), b"\r\n"]
+        parts.append(b"X-Forwarded-Proto: https\r\n")
+        if host:
+            parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
+        if request.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % request.content_length)
+        elif request.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _attach(self, conn: BackendConnection) -> None:
+        self.backend = conn
+        request = self.request
+        conn.start(self, self._head(), request.method)
+        self._backend_producer = _PauseClient(self.client)
+        conn.transport.registerProducer(self._backend_producer, True)
+        self._client_producer = _PauseBackend(self)
+        self.client.transport.registerProducer(self._client_producer, True)
+        self.forwarding = True
+        if request.pending:
+            pending, request.pending = request.pending, []
+            for chunk in pending:
+                self.client_body(chunk)
+        self.client.resume("body-wait")
+        if request.body_done:
+            self.client_body_done()
+
+    def client_body(self, data: bytes) -> None:
+        backend = self.backend
+        assert backend is not None
+        if self.request.chunked:
+            backend.write_sequence([b"%X\r\n" % len(data), data, b"\r\n"])
+        else:
+            backend.write(data)
+
+    def client_body_done(self) -> None:
+        if self.request.chunked and self.backend is not None:
+            self.backend.write(b"0\r\n\r\n")
+        if not self.response_started and not self.finished:
+            self._timeout = self.client.clock.callLater(
+                self.client.settings.backend_timeout, self._backend_timed_out
+            )
+
+    def client_body_failed(self, reason: str) -> None:
+        """The client's body was malformed after the head was forwarded."""
+        log.info("refused {peer}: {reason}", peer=self.client.peer, reason=reason)
+        self._drop_backend()
+        if not self.response_started:
+            self._respond_error(400, reason)
+        else:
+            self.client.transport.abortConnection()
+
+    def client_lost(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._cancel_timeout()
+            self._drop_backend()
+            self._log(499)
+
+    def _backend_timed_out(self) -> None:
+        self._timeout = None
+        if not self.response_started and not self.finished:
+            self._drop_backend()
+            self._respond_error(504, "backend sent no response headers in time")
+
+    # -- from the backend (BackendExchange) --------------------------------
+
+    def backend_informational(self, status: int, reason: bytes, headers: Headers) -> None:
+        if status == 100 or self.request.version != b"1.1":
+            return  # the proxy already answered Expect itself; 1.0 clients get no 1xx
+        lines = [_status_line(status, _sanitise_reason(reason))]
+        for name, value in response_headers_for_client(headers, connection_tokens(headers)):
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        self.client.transport.writeSequence(lines)
+
+    def backend_headers(self, status: int, reason: bytes, headers: Headers, version: bytes) -> None:
+        self._cancel_timeout()
+        self.response_started = True
+        self.status = status
+        request = self.request
+        connection = connection_tokens(headers)
+        kept = response_headers_for_client(headers, connection)
+        length: bytes | None = None
+        chunked = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = value.strip()
+            elif lower == b"transfer-encoding":
+                chunked = True
+        no_body = request.method == b"HEAD" or status in (204, 304)
+        parts = [_status_line(status, _sanitise_reason(reason))]
+        for name, value in kept:
+            parts += [name, b": ", value, b"\r\n"]
+        if status == 204:
+            pass
+        elif length is not None and not chunked:
+            parts += [b"Content-Length: ", length, b"\r\n"]
+        elif no_body:
+            pass
+        elif request.version == b"1.1":
+            self.chunked_out = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            self.keep_alive = False  # an HTTP/1.0 client reads this body to the close
+        if not request.body_done:
+            # Answered before the client finished sending: the rest of its
+            # body cannot be skipped safely, so the connection ends here.
+            self.keep_alive = False
+        if self.client.broken is not None:
+            self.keep_alive = False
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif request.version == b"1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.client.transport.writeSequence(parts)
+
+    def backend_body(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        if self.chunked_out:
+            self.client.transport.writeSequence([b"%X\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.client.transport.write(data)
+
+    def backend_complete(self) -> None:
+        if self.finished:
+            return
+        if self.chunked_out:
+            self.client.transport.write(b"0\r\n\r\n")
+        backend = self.backend
+        self._detach()
+        if backend is not None:
+            if not self.request.body_done:
+                backend.reusable = False
+            self.pool.release(backend)
+        self._finish(self.status, self.keep_alive)
+
+    def backend_failed(self, reason: str, response_started: bool) -> None:
+        if self.finished:
+            return
+        self._detach()
+        if response_started:
+            # Too late for an error answer: end the connection so the client
+            # sees a truncated response, never a complete-looking one.
+            log.info("aborting {peer}: {reason}", peer=self.client.peer, reason=reason)
+            self.finished = True
+            self._log(self.status)
+            self.client.transport.abortConnection()
+            return
+        backend, self.backend = self.backend, None
+        if (
+            backend is not None
+            and backend.used > 1
+            and not self.retried
+            and self._replayable()
+        ):
+            # A pooled connection the backend closed as we reused it: the
+            # request never reached the application, so one fresh try is safe.
+            self.retried = True
+            self.forwarding = False
+            self.client.pause("connecting")
+            self.pool.connect().addCallbacks(self._connected, self._connect_failed)
+            return
+        self._respond_error(502, reason)
+
+    def _replayable(self) -> bool:
+        request = self.request
+        return (
+            request.content_length in (None, 0)
+            and not request.chunked
+            and request.method in (b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE")
+        )
+
+    # -- ending -----------------------------------------------------------
+
+    def _respond_error(self, status: int, reason: str) -> None:
+        self._cancel_timeout()
+        self._drop_backend()
+        log.info("{status} for {peer}: {reason}", status=status, peer=self.client.peer, reason=reason)
+        body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
+        keep_alive = self.keep_alive and self.request.body_done and self.client.broken is None
+        head = _status_line(status, _REASONS[status]) + (
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
+        )
+        if not keep_alive:
+            head += b"Connection: close\r\n"
+        elif self.request.version == b"1.0":
+            head += b"Connection: keep-alive\r\n"
+        self.bytes_sent = len(body)
+        if self.request.method != b"HEAD":
+            self.client.transport.write(head + b"\r\n" + body)
+        else:
+            self.client.transport.write(head + b"\r\n")
+        self._finish(status, keep_alive)
+
+    def _drop_backend(self) -> None:
+        self._detach()
+        backend, self.backend = self.backend, None
+        if backend is not None and backend.connected:
+            backend.abandon()
+
+    def _detach(self) -> None:
+        self.forwarding = False
+        if self._backend_producer is not None and self.backend is not None:
+            if self.backend.connected:
+                self.backend.transport.unregisterProducer()
+            self._backend_producer = None
+            self.client.resume("backend-full")
+        if self._client_producer is not None:
+            if not self.client.closed:
+                self.client.transport.unregisterProducer()
+            self._client_producer = None
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _finish(self, status: int, keep_alive: bool) -> None:
+        self.finished = True
+        self._cancel_timeout()
+        self._log(status)
+        self.client.exchange_done(keep_alive)
+
+    def _log(self, status: int) -> None:
+        request = self.request
+        identity = self.client.identity
+        cn = "-"
+        if identity is not None and identity.cn is not None:
+            cn = self.client.identity_headers[0][1].decode("ascii")
+        access_log.info(
+            '{peer} {cn} "{method} {target} HTTP/{version}" {status} {bytes} {duration:.3f}s',
+            peer=self.client.peer,
+            cn=cn,
+            method=request.method.decode("latin-1"),
+            target=request.target.decode("latin-1"),
+            version=request.version.decode("ascii"),
+            status=status,
+            bytes=self.bytes_sent,
+            duration=time.monotonic() - request.started,
+        )
+
+
+class ProxyFactory(Factory):
+    """Builds one L{ClientConnection} per accepted client; holds what they share."""
+
+    noisy = False
+
+    def __init__(self, settings: ProxySettings, pool: BackendPool, clock: IReactorTime) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.clock = clock
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        return ClientConnection(self)

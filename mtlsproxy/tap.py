@@ -1,0 +1,130 @@
+"""
+twistd glue: the command-line options and C{makeService}.  No logic lives here.
+
+Configuration errors must reach the operator as one line on stderr and a
+non-zero exit.  twistd prints the whole usage text on a C{UsageError}, and a
+traceback for anything raised in C{makeService}, so both are caught here and
+turned into that one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from twisted.python import usage
+
+from . import __version__
+from .config import OPTIONS, REPEATABLE, Config, build_config
+from .errors import MtlsProxyError
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """One line on stderr, then exit: what every start-up error looks like."""
+    sys.stderr.write(f"mtlsproxy: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(status)
+
+
+_HELP = {
+    "config": "TOML configuration file (same option names, without dashes)",
+    "listen": "Twisted server endpoint description to listen on [default: tcp:8443]",
+    "backend": "the plain-HTTP application: http://HOST:PORT or unix:/path (required)",
+    "cert": "server certificate chain, PEM, leaf first",
+    "key": "server private key, PEM",
+    "keystore": "PKCS#12 keystore with the server key and certificate chain",
+    "keystore-password-file": "file holding the keystore password "
+    "(or env MTLSPROXY_KEYSTORE_PASSWORD)",
+    "ca": "PEM bundle of the CAs trusted to sign client certificates",
+    "truststore": "PKCS#12 truststore (keytool -importcert -storetype PKCS12)",
+    "truststore-password-file": "file holding the truststore password "
+    "(or env MTLSPROXY_TRUSTSTORE_PASSWORD)",
+    "crl": "PEM certificate revocation list (repeatable)",
+    "client-auth": "required | optional [default: required]",
+    "allow-cn": "only admit clients with this subject CN (repeatable)",
+    "allow-ou": "only admit clients with this subject OU (repeatable)",
+    "allow-san": "only admit clients with this subjectAltName, e.g. DNS:x (repeatable)",
+    "min-tls": "1.2 | 1.3 [default: 1.2]",
+    "handshake-timeout": "seconds to finish the TLS handshake [default: 10]",
+    "idle-timeout": "seconds a connection may idle or take to send headers [default: 60]",
+    "backend-connect-timeout": "seconds to connect to the backend, else 502 [default: 5]",
+    "backend-timeout": "seconds to wait for the backend's response headers, else 504 "
+    "[default: 60]",
+    "max-header-bytes": "request line plus headers above this get 431 [default: 65536]",
+    "metrics": "endpoint description of the plain-HTTP metrics listener",
+    "workers": "processes sharing the listening socket [default: 1]",
+    "shutdown-timeout": "seconds to let requests finish on SIGTERM [default: 10]",
+}
+
+
+class Options(usage.Options):
+    """C{twistd mtlsproxy} options; every one can also come from the C{--config} file."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Terminate TLS, require a client certificate signed by a trusted CA, and "
+        "forward HTTP to a plain-HTTP application with the client's identity in "
+        "X-Client-Cert-CN."
+    )
+    optParameters = [
+        [name, None, None, _HELP[name]] for name in ["config", *OPTIONS] if name not in REPEATABLE
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in REPEATABLE:
+            self[name] = []
+        self.config: Config | None = None
+
+    def opt_version(self) -> NoReturn:
+        """Print the version and exit."""
+        print(f"mtlsproxy {__version__}")
+        raise SystemExit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            fail(f"{e} (see twistd mtlsproxy --help)", 2)
+
+    def postOptions(self) -> None:
+        given: dict[str, Any] = {}
+        for name in OPTIONS:
+            value = self.get(name)
+            if value is None or (name in REPEATABLE and not value):
+                continue
+            given[name] = value
+        config_file = Path(self["config"]) if self["config"] else None
+        try:
+            self.config = build_config(given, config_file)
+            # Load every certificate, key and CRL now, before twistd goes on,
+            # so that a bad file ends start-up instead of the first handshake.
+            from .service import make_service
+
+            self.service = make_service(self.config, _reactor())
+        except MtlsProxyError as e:
+            fail(str(e))
+
+
+def _repeatable(name: str) -> Any:
+    def opt(self: Options, value: str) -> None:
+        self[name].append(value)
+
+    opt.__doc__ = _HELP[name]
+    return opt
+
+
+for _name in REPEATABLE:
+    setattr(Options, "opt_" + _name.replace("-", "_"), _repeatable(_name))
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def makeService(options: Options) -> Any:
+    """twistd's entry point: the service was built and checked in C{postOptions}."""
+    return options.service
