@@ -103,6 +103,11 @@ class Request:
         self.pending: list[bytes] = []
         self.started = 0.0
 
+    @property
+    def body_pending(self) -> bool:
+        """Whether body bytes may still be on their way from the client."""
+        return not self.body_done and (self.chunked or bool(self.content_length))
+
 
 def _status_line(status: int, reason: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
@@ -313,6 +318,9 @@ class ClientConnection(Protocol):
             elif lower == b"transfer-encoding":
                 if version == b"1.0":
                     raise _BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+                if request.chunked or value.strip().lower() != b"chunked":
+                    # Only a single "chunked" frames a request unambiguously.
+                    raise _BadRequest("Transfer-Encoding other than chunked")
                 request.chunked = True
             elif lower == b"host":
                 if has_host:
@@ -610,7 +618,7 @@ class Exchange:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
             self.keep_alive = False  # an HTTP/1.0 client reads this body to the close
-        if not request.body_done:
+        if request.body_pending:
             # Answered before the client finished sending: the rest of its
             # body cannot be skipped safely, so the connection ends here.
             self.keep_alive = False
@@ -638,7 +646,7 @@ class Exchange:
         backend = self.backend
         self._detach()
         if backend is not None:
-            if not self.request.body_done:
+            if self.request.body_pending:
                 backend.reusable = False
             self.pool.release(backend)
         self._finish(self.status, self.keep_alive)
@@ -686,7 +694,9 @@ class Exchange:
         self._drop_backend()
         log.info("{status} for {peer}: {reason}", status=status, peer=self.client.peer, reason=reason)
         body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
-        keep_alive = self.keep_alive and self.request.body_done and self.client.broken is None
+        keep_alive = (
+            self.keep_alive and not self.request.body_pending and self.client.broken is None
+        )
         head = _status_line(status, _REASONS[status]) + (
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
         )

@@ -1,0 +1,466 @@
+"""
+The forwarding core in memory: client bytes in, backend bytes out, and back.
+
+TLS is not part of these tests (it has its own, with real handshakes, in
+test_tls.py, and the end-to-end suite runs everything together): the client
+transport here is a StringTransport that also hands out the verified peer
+certificate, as the TLS transport does once the handshake is complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from mtlsproxy.config import Backend
+from mtlsproxy.http.backend import BackendPool
+from mtlsproxy.http.server import ClientConnection, ProxyFactory, ProxySettings
+
+from . import certfactory
+
+SETTINGS = ProxySettings(
+    handshake_timeout=10,
+    idle_timeout=60,
+    backend_timeout=30,
+    max_header_bytes=4096,
+    client_auth_required=True,
+)
+
+
+class _Handle:
+    def __init__(self, cert: Any) -> None:
+        self.cert = cert
+
+    def get_peer_certificate(self, as_cryptography: bool = False) -> Any:
+        return self.cert
+
+
+class ClientTransport(StringTransport):
+    """A client transport that also answers C{getHandle()} like the TLS one."""
+
+    def __init__(self, cert: Any) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 50123))
+        self._handle = _Handle(cert)
+
+    def getHandle(self) -> _Handle:
+        return self._handle
+
+    def abortConnection(self) -> None:
+        self.loseConnection()
+
+
+class FakeEndpoint:
+    """Connects backend protocols to StringTransports, or fails, as the test says."""
+
+    def __init__(self) -> None:
+        self.connections: list[Any] = []
+        self.fail_with: Exception | None = None
+        self.hold = False
+        self.pending: list[tuple[defer.Deferred[Any], Any]] = []
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        if self.fail_with is not None:
+            return defer.fail(self.fail_with)
+        proto = factory.buildProtocol(None)
+        if self.hold:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.pending.append((d, proto))
+            return d
+        self._attach(proto)
+        return defer.succeed(proto)
+
+    def _attach(self, proto: Any) -> None:
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.connections.append(proto)
+
+    def release(self) -> None:
+        for d, proto in self.pending:
+            self._attach(proto)
+            d.callback(proto)
+        self.pending = []
+
+
+@pytest.fixture(scope="module")
+def client_cert() -> Any:
+    ca = certfactory.make_ca()
+    return certfactory.make_client(ca, "alice").cert
+
+
+class Harness:
+    def __init__(self, cert: Any, settings: ProxySettings = SETTINGS) -> None:
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+        self.pool = BackendPool(
+            self.clock, Backend(url="http://app:80", host="app", port=80), 5.0,
+            endpoint=self.endpoint,  # type: ignore[arg-type]
+        )
+        self.factory = ProxyFactory(settings, self.pool, self.clock)
+        self.client = ClientConnection(self.factory)
+        self.transport = ClientTransport(cert)
+        self.client.makeConnection(self.transport)
+        self.client.handshakeCompleted()
+
+    def send(self, data: bytes) -> None:
+        self.client.dataReceived(data)
+
+    @property
+    def backend(self) -> Any:
+        return self.endpoint.connections[-1]
+
+    def backend_received(self, index: int = -1) -> bytes:
+        return self.endpoint.connections[index].transport.value()  # type: ignore[no-any-return]
+
+    def respond(self, data: bytes, index: int = -1) -> None:
+        self.endpoint.connections[index].dataReceived(data)
+
+    def client_received(self) -> bytes:
+        return self.transport.value()  # type: ignore[no-any-return]
+
+
+def head_lines(raw: bytes) -> list[bytes]:
+    return raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def test_get_is_forwarded_with_identity_and_forwarding_headers(client_cert: Any) -> None:
+    """
+    A GET reaches the backend as HTTP/1.1 with method, raw target and Host unchanged,
+    exactly one X-Client-Cert-CN, and the X-Forwarded-* headers set by the proxy.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET /a%2Fb/../c?x=1&y HTTP/1.1\r\nHost: app.example:8443\r\nAccept: */*\r\n\r\n")
+    lines = head_lines(h.backend_received())
+    assert lines[0] == b"GET /a%2Fb/../c?x=1&y HTTP/1.1"
+    assert b"Host: app.example:8443" in lines
+    assert b"Accept: */*" in lines
+    assert [line for line in lines if line.lower().startswith(b"x-client-cert")] == [
+        b"X-Client-Cert-CN: alice"
+    ]
+    assert b"X-Forwarded-For: 192.0.2.7" in lines
+    assert b"X-Forwarded-Proto: https" in lines
+    assert b"X-Forwarded-Host: app.example:8443" in lines
+
+
+def test_response_is_relayed_and_connections_kept_alive(client_cert: Any) -> None:
+    """
+    The response comes back with its status, headers and body; both the client
+    connection and the backend connection stay open for the next request, which
+    reuses the same backend connection.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-App: yes\r\n\r\nhello")
+    out = h.client_received()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"X-App: yes\r\n" in out and b"Content-Length: 5\r\n" in out
+    assert out.endswith(b"\r\n\r\nhello")
+    assert not h.transport.disconnecting
+    h.transport.clear()
+    h.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(h.endpoint.connections) == 1
+    assert b"GET /2 HTTP/1.1" in h.backend_received()
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.client_received().endswith(b"ok")
+
+
+SPOOFS = [
+    b"X-Client-Cert-CN: admin",
+    b"x-client-cert-cn: admin",
+    b"X_Client_Cert_CN: admin",
+    b"X-CLIENT-CERT-CN: admin",
+    b"X-Client-Cert: admin",
+    b"X-Client-Cert-Subject: CN=admin",
+    b"X-Forwarded-Client-Cert: By=admin",
+    b"X-Forwarded-For: 10.0.0.1",
+    b"x_forwarded_for: 10.0.0.1",
+    b"X-Forwarded-Proto: http",
+    b"X-Forwarded-Host: evil",
+    b"Forwarded: for=10.0.0.1",
+]
+
+
+@pytest.mark.parametrize("spoof", SPOOFS)
+def test_spoofed_identity_headers_never_reach_the_backend(client_cert: Any, spoof: bytes) -> None:
+    """Every client-sent reserved header is dropped, whatever its case or separator."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n" + spoof + b"\r\n\r\n")
+    received = h.backend_received()
+    assert b"admin" not in received and b"10.0.0.1" not in received and b"evil" not in received
+    assert head_lines(received).count(b"X-Client-Cert-CN: alice") == 1
+
+
+def test_connection_header_cannot_remove_the_identity_header(client_cert: Any) -> None:
+    """
+    Naming X-Client-Cert-CN or X-Forwarded-For in Connection removes only what
+    the client sent: the proxy's own headers still reach the backend.
+    """
+    h = Harness(client_cert)
+    h.send(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Client-Cert-CN, X-Forwarded-For, X-Custom\r\n"
+        b"X-Custom: gone\r\n\r\n"
+    )
+    lines = head_lines(h.backend_received())
+    assert b"X-Client-Cert-CN: alice" in lines
+    assert b"X-Forwarded-For: 192.0.2.7" in lines
+    assert not [line for line in lines if line.lower().startswith((b"x-custom", b"connection"))]
+
+
+def test_hop_by_hop_headers_are_not_forwarded(client_cert: Any) -> None:
+    """Keep-Alive, TE, Trailer, Upgrade and Proxy-* headers are per hop."""
+    h = Harness(client_cert)
+    h.send(
+        b"GET / HTTP/1.1\r\nHost: a\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+        b"Proxy-Authorization: x\r\nProxy-Connection: keep-alive\r\nTrailer: X\r\n\r\n"
+    )
+    lower = h.backend_received().lower()
+    for name in (b"keep-alive:", b"te:", b"proxy-", b"trailer:"):
+        assert name not in lower
+
+
+def test_content_length_body_streams_to_the_backend(client_cert: Any) -> None:
+    """Body bytes are written to the backend as they arrive, before the body is complete."""
+    h = Harness(client_cert)
+    h.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+    assert h.backend_received().endswith(b"Content-Length: 10\r\n\r\nhello")
+    h.send(b"world")
+    assert h.backend_received().endswith(b"helloworld")
+
+
+def test_chunked_body_is_rechunked_canonically(client_cert: Any) -> None:
+    """A chunked upload with extensions reaches the backend chunked, without the extensions."""
+    h = Harness(client_cert)
+    h.send(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n0\r\n\r\n"
+    )
+    received = h.backend_received()
+    assert b"Transfer-Encoding: chunked\r\n" in received
+    assert received.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert b"ext" not in received
+
+
+def test_close_delimited_response_is_chunked_for_http11_clients(client_cert: Any) -> None:
+    """
+    A backend body that ends with the connection reaches an HTTP/1.1 client
+    chunked, so the client connection can stay open.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.0 200 OK\r\n\r\nsome ")
+    h.respond(b"data")
+    h.backend.connectionLost(Failure(error.ConnectionDone()))
+    out = h.client_received()
+    assert b"Transfer-Encoding: chunked\r\n" in out
+    assert out.endswith(b"5\r\nsome \r\n4\r\ndata\r\n0\r\n\r\n")
+    assert not h.transport.disconnecting
+
+
+def test_http10_keep_alive_is_honoured(client_cert: Any) -> None:
+    """
+    An HTTP/1.0 client asking for keep-alive (as ab -k does) gets
+    Connection: keep-alive and its connection stays open.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    out = h.client_received()
+    assert b"Connection: keep-alive\r\n" in out
+    assert not h.transport.disconnecting
+
+
+def test_http10_without_length_is_closed_after_the_body(client_cert: Any) -> None:
+    """An HTTP/1.0 client cannot read chunked: the body ends with the connection."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    out = h.client_received()
+    assert b"chunked" not in out and out.endswith(b"\r\n\r\nok")
+    assert h.transport.disconnecting
+
+
+def test_head_response_has_no_body_and_connection_is_reused(client_cert: Any) -> None:
+    """A HEAD response keeps the backend's Content-Length and carries no body."""
+    h = Harness(client_cert)
+    h.send(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    out = h.client_received()
+    assert out.endswith(b"Content-Length: 1000\r\n\r\n")
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(h.endpoint.connections) == 1
+    assert h.backend_received().endswith(b"GET / HTTP/1.1\r\nHost: a\r\n" + h.backend_received().split(b"GET / HTTP/1.1\r\nHost: a\r\n")[-1])
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_body_statuses(client_cert: Any, status: int) -> None:
+    """204 and 304 responses are complete after their headers."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 %d X\r\n\r\n" % status)
+    out = h.client_received()
+    assert out.startswith(b"HTTP/1.1 %d" % status)
+    assert b"chunked" not in out and out.endswith(b"\r\n\r\n")
+    assert h.client.current is None
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ],
+    ids=["cl+te", "two-cl", "te-not-chunked", "te-in-1.0", "http0.9", "bare-lf", "obs-fold",
+         "space-before-colon", "no-host", "two-hosts"],
+)
+def test_ambiguous_framing_gets_400_and_nothing_is_forwarded(
+    client_cert: Any, request_bytes: bytes
+) -> None:
+    """Malformed or ambiguous requests are answered 400, the connection closes, no backend."""
+    h = Harness(client_cert)
+    h.send(request_bytes)
+    assert h.client_received().startswith(b"HTTP/1.1 400 ")
+    assert h.transport.disconnecting
+    assert h.endpoint.connections == []
+
+
+def test_headers_above_the_limit_get_431(client_cert: Any) -> None:
+    """Request line plus headers over --max-header-bytes: 431, closed, nothing forwarded."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 5000 + b"\r\n\r\n")
+    assert h.client_received().startswith(b"HTTP/1.1 431 ")
+    assert h.transport.disconnecting
+    assert h.endpoint.connections == []
+
+
+def test_pipelined_requests_are_answered_in_order(client_cert: Any) -> None:
+    """Two requests in one read: the second waits for the first and is answered after it."""
+    h = Harness(client_cert)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"GET /2" not in h.backend_received()
+    assert h.transport.producerState == "paused"
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+    assert b"GET /2" in h.backend_received()
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+    out = h.client_received()
+    assert out.index(b"one") < out.index(b"two")
+    assert h.transport.producerState == "producing"
+
+
+def test_backend_refusing_gets_502(client_cert: Any) -> None:
+    """A backend that refuses the connection: 502, and the client connection stays usable."""
+    h = Harness(client_cert)
+    h.endpoint.fail_with = error.ConnectionRefusedError()
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.client_received().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"refused" in h.client_received()
+    assert not h.transport.disconnecting
+
+
+def test_backend_silence_gets_504(client_cert: Any) -> None:
+    """No response headers within --backend-timeout: 504, and the backend connection is dropped."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.clock.advance(SETTINGS.backend_timeout + 1)
+    assert h.client_received().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert h.backend.transport.disconnecting
+
+
+def test_backend_closing_mid_response_aborts_the_client(client_cert: Any) -> None:
+    """A truncated backend response must not look complete: the client connection is cut."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    h.backend.connectionLost(Failure(error.ConnectionLost()))
+    assert h.transport.disconnecting
+
+
+def test_stale_pooled_connection_is_retried_once_for_a_get(client_cert: Any) -> None:
+    """
+    A pooled connection that the backend closed as it was reused: the GET
+    never reached the application, so it is sent again on a new connection.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.transport.clear()
+    h.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.endpoint.connections[0].connectionLost(Failure(error.ConnectionDone()))
+    assert len(h.endpoint.connections) == 2
+    assert b"GET /2" in h.backend_received(1)
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 1)
+    assert h.client_received().endswith(b"ok")
+
+
+def test_slow_backend_pauses_the_client(client_cert: Any) -> None:
+    """
+    When the backend transport's buffer is full it pauses its producer, and the
+    proxy stops reading from the client until it drains.
+    """
+    h = Harness(client_cert)
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nxx")
+    backend_transport = h.backend.transport
+    backend_transport.producer.pauseProducing()
+    assert h.transport.producerState == "paused"
+    backend_transport.producer.resumeProducing()
+    assert h.transport.producerState == "producing"
+
+
+def test_slow_client_pauses_the_backend(client_cert: Any) -> None:
+    """When the client's transport pauses its producer, reading from the backend stops."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nxx")
+    h.transport.producer.pauseProducing()
+    assert h.backend.transport.producerState == "paused"
+    h.transport.producer.resumeProducing()
+    assert h.backend.transport.producerState == "producing"
+
+
+def test_body_arriving_while_connecting_is_held_and_reading_paused(client_cert: Any) -> None:
+    """Before the backend connection exists, body bytes wait and the client is paused."""
+    h = Harness(client_cert)
+    h.endpoint.hold = True
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    assert h.transport.producerState == "paused"
+    h.endpoint.release()
+    assert h.backend_received().endswith(b"\r\n\r\nab")
+    assert h.transport.producerState == "producing"
+    h.send(b"cd")
+    assert h.backend_received().endswith(b"abcd")
+
+
+def test_expect_100_continue_is_answered_by_the_proxy(client_cert: Any) -> None:
+    """The proxy answers 100 Continue itself and does not forward Expect."""
+    h = Harness(client_cert)
+    h.send(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert h.client_received() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert b"expect" not in h.backend_received().lower()
+
+
+def test_idle_client_is_closed_after_idle_timeout(client_cert: Any) -> None:
+    """A client that sends nothing for --idle-timeout seconds is disconnected."""
+    h = Harness(client_cert)
+    h.clock.advance(SETTINGS.idle_timeout + 1)
+    assert h.transport.disconnecting
+
+
+def test_slow_headers_get_408(client_cert: Any) -> None:
+    """A client that starts a request but does not finish its headers in time gets 408."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    h.clock.advance(SETTINGS.idle_timeout + 1)
+    assert h.client_received().startswith(b"HTTP/1.1 408 ")
+    assert h.transport.disconnecting
