@@ -59,7 +59,9 @@ class Issued:
         return cert_path, key_path
 
 
-def _name(cn: str | None, ou: str | None = None, attributes: Sequence[x509.NameAttribute] = ()) -> x509.Name:
+def _name(
+    cn: str | None, ou: str | None = None, attributes: Sequence[x509.NameAttribute] = ()
+) -> x509.Name:
     attrs = list(attributes)
     if ou is not None:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
@@ -161,7 +163,7 @@ def make_server(
 
 
 def _chain_of(issuer: Issued) -> tuple[x509.Certificate, ...]:
-    """The chain a leaf presents: its issuer and the issuer's chain, but never a self-signed root."""
+    """The chain a leaf presents: its issuer and that one's chain, never a self-signed root."""
     if issuer.cert.issuer == issuer.cert.subject:
         return ()
     return (issuer.cert, *issuer.chain)
@@ -203,7 +205,9 @@ def days_ahead(n: float) -> datetime.datetime:
     return _NOW + datetime.timedelta(days=n)
 
 
-def make_crl(issuer: Issued, revoked: Sequence[x509.Certificate], next_update_days: float = 7) -> x509.CertificateRevocationList:
+def make_crl(
+    issuer: Issued, revoked: Sequence[x509.Certificate], next_update_days: float = 7
+) -> x509.CertificateRevocationList:
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.cert.subject)

@@ -293,7 +293,7 @@ def test_head_response_has_no_body_and_connection_is_reused(client_cert: Any) ->
     assert out.endswith(b"Content-Length: 1000\r\n\r\n")
     h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert len(h.endpoint.connections) == 1
-    assert h.backend_received().endswith(b"GET / HTTP/1.1\r\nHost: a\r\n" + h.backend_received().split(b"GET / HTTP/1.1\r\nHost: a\r\n")[-1])
+    assert h.backend_received().count(b"GET / HTTP/1.1\r\n") == 1
 
 
 @pytest.mark.parametrize("status", [204, 304])

@@ -96,7 +96,9 @@ def test_listen_uses_the_endpoint_and_wraps_tls(pki: dict[str, str]) -> None:
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     reactor = MemoryReactor()
-    config = build_config({"backend": "http://127.0.0.1:9", "listen": "tcp:0:interface=127.0.0.1", **pki})
+    config = build_config(
+        {"backend": "http://127.0.0.1:9", "listen": "tcp:0:interface=127.0.0.1", **pki}
+    )
     service = make_service(config, reactor)
     service.listen()
     port, factory, backlog, interface = reactor.tcpServers[0]

@@ -1,1 +1,1 @@
-"""The HTTP/1.1 halves of the proxy: the client-facing server, the backend pool, and the forwarding between them."""
+"""The HTTP/1.1 halves of the proxy: the client-facing server and the backend pool."""

@@ -12,6 +12,7 @@ backend reads slowly.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 import httptools
@@ -57,6 +58,9 @@ class BackendConnection(Protocol):
         current one is complete (the backend kept it alive and framed the
         response so that its end was known).
     """
+
+    #: a TCP or UNIX transport: ITransport plus producers and abortConnection
+    transport: Any
 
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
@@ -268,7 +272,7 @@ class BackendPool:
 
     def connect(self) -> defer.Deferred[BackendConnection]:
         """A new connection, failing after the connect timeout."""
-        d: defer.Deferred[BackendConnection] = self._endpoint.connect(self._factory)
+        d: defer.Deferred[BackendConnection] = self._endpoint.connect(self._factory)  # type: ignore[assignment]
         d.addTimeout(self._connect_timeout, self._reactor)  # type: ignore[arg-type]
 
         def opened(conn: BackendConnection) -> BackendConnection:

@@ -24,7 +24,12 @@ from typing import Any
 
 import httptools
 from OpenSSL import SSL
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -127,6 +132,9 @@ class ClientConnection(Protocol):
     connection that holds the verified peer certificate.
     """
 
+    #: the TLS transport: ITransport plus getHandle, producers and abortConnection
+    transport: Any
+
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
         self.settings = factory.settings
@@ -155,7 +163,7 @@ class ClientConnection(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        self.peer = f"{host}:{peer.port}" if host is not None else str(peer)
+        self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else str(peer)
         self.peer_host = host or ""
         self.factory.open_connections += 1
         self._set_timer(self.settings.handshake_timeout, self._handshake_timed_out)
@@ -692,7 +700,9 @@ class Exchange:
     def _respond_error(self, status: int, reason: str) -> None:
         self._cancel_timeout()
         self._drop_backend()
-        log.info("{status} for {peer}: {reason}", status=status, peer=self.client.peer, reason=reason)
+        log.info(
+            "{status} for {peer}: {reason}", status=status, peer=self.client.peer, reason=reason
+        )
         body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
         keep_alive = (
             self.keep_alive and not self.request.body_pending and self.client.broken is None
