@@ -24,6 +24,7 @@ from typing import Any
 
 import httptools
 from OpenSSL import SSL
+from twisted.internet import error
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -190,6 +191,15 @@ class ClientConnection(Protocol):
                 handle = self.transport.getHandle()
             except Exception:  # pragma: no cover - transport without a handle
                 pass
+            if (
+                handle is not None
+                and handle.client_random() is None
+                and reason is not None
+                and reason.check(error.ConnectionDone, error.ConnectionLost)
+            ):
+                # Closed before a ClientHello: a port probe or a load
+                # balancer's TCP check, not a client that was refused.
+                return
             log.info(
                 "refused {peer}: {reason}",
                 peer=self.peer,
