@@ -7,8 +7,8 @@ The TLS layer is put over whatever server endpoint the operator described
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -59,8 +59,9 @@ class ProxyService(MultiService):
         try:
             self.port = self.listen()
         except ListenError as e:
-            sys.stderr.write(f"mtlsproxy: {e}\n")
-            sys.stderr.flush()
+            # twistd has already pointed sys.stderr at its log: write to the
+            # real standard error, where the operator (or systemd) looks.
+            os.write(2, f"mtlsproxy: {e}\n".encode())
             raise SystemExit(1) from None
         super().privilegedStartService()
 
@@ -89,16 +90,25 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self._install_sighup()
+        # Twisted installs its own handlers while the reactor starts up; ours
+        # go in after that.
+        self.reactor.addSystemEventTrigger("after", "startup", self._install_signals)
 
-    def _install_sighup(self) -> None:
-        if not hasattr(signal, "SIGHUP"):  # pragma: no cover - not POSIX
-            return
-
+    def _install_signals(self) -> None:
         def on_sighup(signum: int, frame: object) -> None:
             self.reactor.callFromThread(self.reload)
 
+        def on_sigterm(signum: int, frame: object) -> None:
+            # Unlike Twisted's own handler, this does not record the signal,
+            # so twistd exits 0 after a clean stop instead of re-raising it.
+            self.reactor.callFromThread(self._stop_requested)
+
         signal.signal(signal.SIGHUP, on_sighup)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _stop_requested(self) -> None:
+        log.info("received SIGTERM, stopping")
+        self.reactor.stop()
 
     def reload(self) -> bool:
         """
