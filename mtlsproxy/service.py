@@ -70,6 +70,12 @@ class ProxyService(MultiService):
         description = self.config.listen
         try:
             endpoint = serverFromString(self.reactor, description)
+        except IndexError:
+            raise ListenError(
+                description,
+                "no inherited socket at that index (socket activation needs LISTEN_FDS, "
+                "LISTEN_FDNAMES and LISTEN_PID, as systemd sets them)",
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
             raise ListenError(description, f"not a valid endpoint description ({e})") from None
         wrapped = TLSMemoryBIOFactory(self.creator, False, self.factory)

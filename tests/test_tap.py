@@ -118,3 +118,14 @@ def test_wheel_ships_the_plugin(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/mtlsproxy_plugin.py" in names
     assert not [n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")]
+
+
+def test_systemd_listen_without_activation_is_a_listen_error(pki: dict[str, str]) -> None:
+    """--listen systemd:... outside socket activation is one clear error, not an IndexError."""
+    from mtlsproxy.errors import ListenError
+
+    config = build_config(
+        {"backend": "http://127.0.0.1:9", "listen": "systemd:domain=INET:index=0", **pki}
+    )
+    with pytest.raises(ListenError, match="no inherited socket"):
+        make_service(config, MemoryReactor()).listen()
