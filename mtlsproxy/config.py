@@ -18,6 +18,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .identity import (
+    DEFAULT_FORWARD_HEADERS,
+    FORWARD_CERT_MODES,
+    ForwardCert,
+    HeaderSettings,
+    parse_header_names,
+)
+from .policy import AllowRule, Policy, parse_san_pattern
 
 KEYSTORE_PASSWORD_ENV = "MTLSPROXY_KEYSTORE_PASSWORD"
 TRUSTSTORE_PASSWORD_ENV = "MTLSPROXY_TRUSTSTORE_PASSWORD"
@@ -111,7 +119,23 @@ class Config:
     metrics: str | None = None
     workers: int = 1
     shutdown_timeout: float = 10.0
+    verify_depth: int = 10
+    forward_cert: ForwardCert = "none"
+    forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
+    rules: tuple[AllowRule, ...] = ()
     config_file: Path | None = None
+
+    def policy(self) -> Policy:
+        """
+        The access policy: the listener-wide rule from C{allow-*} and the
+        C{[[rule]]} tables (validated when the configuration was built).
+        """
+        listener = AllowRule.build(None, self.allow_cn, self.allow_ou, self.allow_san)
+        return Policy(listener=listener, rules=self.rules)
+
+    def header_settings(self) -> HeaderSettings:
+        """Which identity headers, and which form of the certificate, the backend receives."""
+        return HeaderSettings(headers=self.forward_headers, forward_cert=self.forward_cert)
 
 
 #: option name (as on the command line, without dashes) -> kind of value
@@ -139,11 +163,22 @@ OPTIONS: dict[str, str] = {
     "metrics": "str",
     "workers": "count",
     "shutdown-timeout": "seconds",
+    "verify-depth": "depth",
+    "forward-cert": "str",
+    "forward-headers": "strs",
 }
 
-REPEATABLE = frozenset(name for name, kind in OPTIONS.items() if kind in ("paths", "strs"))
+#: Keys only the TOML file can hold (tables, not options).
+TOML_ONLY = frozenset({"rule"})
 
-_SAN_PREFIXES = ("DNS:", "URI:", "email:", "IP:")
+#: Keys of a C{[[rule]]} table.
+RULE_KEYS = ("path", "allow-cn", "allow-ou", "allow-san")
+
+#: Most intermediate CAs C{--verify-depth} accepts; OpenSSL's own limit is
+#: far above anything a real PKI needs.
+MAX_VERIFY_DEPTH = 100
+
+REPEATABLE = frozenset(name for name, kind in OPTIONS.items() if kind in ("paths", "strs"))
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -164,7 +199,7 @@ def load_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("--config", f"{path}: not valid TOML: {e}") from None
     for key in data:
-        if key not in OPTIONS:
+        if key not in OPTIONS and key not in TOML_ONLY:
             raise ConfigError(None, f"unknown key {key!r}", source=str(path))
     return data
 
@@ -224,6 +259,18 @@ def _coerce(name: str, value: Any, source: str | None) -> Any:
         if count < 1:
             raise fail(f"must be at least 1, got {value!r}")
         return count
+    if kind == "depth":
+        if isinstance(value, bool):
+            raise fail(f"expected a whole number, got {value!r}")
+        try:
+            depth = int(value)
+        except (TypeError, ValueError):
+            raise fail(f"expected a whole number, got {value!r}") from None
+        if isinstance(value, float) and depth != value:
+            raise fail(f"expected a whole number, got {value!r}")
+        if not 0 <= depth <= MAX_VERIFY_DEPTH:
+            raise fail(f"must be between 0 and {MAX_VERIFY_DEPTH}, got {value!r}")
+        return depth
     raise AssertionError(kind)  # pragma: no cover
 
 
@@ -242,8 +289,12 @@ def build_config(
     """
     merged: dict[str, Any] = {}
     sources: dict[str, str | None] = {}
+    rules: tuple[AllowRule, ...] = ()
     if config_file is not None:
         for name, value in load_toml(config_file).items():
+            if name == "rule":
+                rules = _parse_rules(value, str(config_file))
+                continue
             merged[name] = _coerce(name, value, str(config_file))
             sources[name] = str(config_file)
     for name, value in command_line.items():
@@ -289,10 +340,26 @@ def build_config(
             "client certificates need a trusted CA: give --ca or --truststore "
             "(mtlsproxy never falls back to the system trust store)",
         )
-    for name in ("allow-san",):
-        for value in merged.get(name, ()):
-            if not value.startswith(_SAN_PREFIXES):
-                raise fail(name, f"{value!r} must start with DNS:, URI:, email: or IP:")
+    for name in ("allow-cn", "allow-ou"):
+        if "" in merged.get(name, ()):
+            raise fail(name, "an empty name would admit certificates with an empty " + name[6:])
+    for value in merged.get("allow-san", ()):
+        try:
+            parse_san_pattern(value)
+        except ValueError as e:
+            raise fail("allow-san", str(e)) from None
+
+    forward_cert = merged.get("forward-cert", "none")
+    if forward_cert not in FORWARD_CERT_MODES:
+        raise fail(
+            "forward-cert", f"must be one of {', '.join(FORWARD_CERT_MODES)}, got {forward_cert!r}"
+        )
+    forward_headers = DEFAULT_FORWARD_HEADERS
+    if "forward-headers" in merged:
+        try:
+            forward_headers = parse_header_names(merged["forward-headers"])
+        except ValueError as e:
+            raise fail("forward-headers", str(e)) from None
 
     env = os.environ if environ is None else environ
 
@@ -332,6 +399,67 @@ def build_config(
         metrics=merged.get("metrics"),
         workers=merged.get("workers", 1),
         shutdown_timeout=merged.get("shutdown-timeout", 10.0),
+        verify_depth=merged.get("verify-depth", 10),
+        forward_cert=forward_cert,
+        forward_headers=forward_headers,
+        rules=rules,
         config_file=config_file,
     )
 
+
+def _parse_rules(value: Any, source: str) -> tuple[AllowRule, ...]:
+    """
+    The C{[[rule]]} tables of a TOML file -> validated L{AllowRule}s.
+
+    Errors name the table by its position, counted from 1 as an operator
+    reads the file (C{rule[2].path}), and the file.
+    """
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(
+            "rule", "must be [[rule]] tables, each with a path and allow-* keys", source
+        )
+    rules: list[AllowRule] = []
+    seen: dict[str, int] = {}
+    for index, table in enumerate(value, start=1):
+        here = f"rule[{index}]"
+
+        def fail(key: str, problem: str, here: str = here) -> ConfigError:
+            return ConfigError(f"{here}.{key}", problem, source)
+
+        for key in table:
+            if key not in RULE_KEYS:
+                raise fail(key, f"unknown key (a rule takes {', '.join(RULE_KEYS)})")
+        if "path" not in table:
+            raise ConfigError(here, "needs a path", source)
+        path = table["path"]
+        if not isinstance(path, str) or not path:
+            raise fail("path", f"expected a non-empty string, got {path!r}")
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in RULE_KEYS[1:]:
+            raw = table.get(key, [])
+            if isinstance(raw, str):
+                raw = [raw]
+            if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+                raise fail(key, f"expected a list of strings, got {raw!r}")
+            if key in table and not raw:
+                # A rule without allow-* keys admits everyone: an empty list
+                # meant as "nobody" must not quietly mean that.
+                raise fail(key, "is empty; leave the key out to admit every client")
+            if "" in raw:
+                raise fail(key, "an empty name would admit certificates with an empty " + key[6:])
+            lists[key] = tuple(raw)
+        for san in lists["allow-san"]:
+            try:
+                parse_san_pattern(san)
+            except ValueError as e:
+                raise fail("allow-san", str(e)) from None
+        try:
+            rule = AllowRule.build(path, lists["allow-cn"], lists["allow-ou"], lists["allow-san"])
+        except ValueError as e:
+            raise fail("path", str(e)) from None
+        assert rule.path is not None
+        if rule.path in seen:
+            raise fail("path", f"{rule.path!r} already has a rule (rule[{seen[rule.path]}])")
+        seen[rule.path] = index
+        rules.append(rule)
+    return tuple(rules)

@@ -34,6 +34,8 @@ def settings_from_config(config: Config) -> ProxySettings:
         backend_timeout=config.backend_timeout,
         max_header_bytes=config.max_header_bytes,
         client_auth_required=config.client_auth == "required",
+        policy=config.policy(),
+        header_settings=config.header_settings(),
     )
 
 
@@ -63,6 +65,8 @@ class ProxyService(MultiService):
             # real standard error, where the operator (or systemd) looks.
             os.write(2, f"mtlsproxy: {e}\n".encode())
             raise SystemExit(1) from None
+        # From the moment the socket is open, SIGTERM means a clean stop.
+        self._install_signals()
         super().privilegedStartService()
 
     def listen(self) -> IListeningPort:
@@ -96,8 +100,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        # Twisted installs its own handlers while the reactor starts up; ours
-        # go in after that.
+        # The reactor's start-up installs Twisted's own handlers: ours again after it.
         self.reactor.addSystemEventTrigger("after", "startup", self._install_signals)
 
     def _install_signals(self) -> None:

@@ -55,6 +55,12 @@ _HELP = {
     "metrics": "endpoint description of the plain-HTTP metrics listener",
     "workers": "processes sharing the listening socket [default: 1]",
     "shutdown-timeout": "seconds to let requests finish on SIGTERM [default: 10]",
+    "verify-depth": "most intermediate CAs between a client certificate and a trusted CA "
+    "(0: issued by a trusted CA directly) [default: 10]",
+    "forward-cert": "also send the client certificate: none | pem (X-Client-Cert) | "
+    "xfcc (X-Forwarded-Client-Cert) | rfc9440 (Client-Cert) [default: none]",
+    "forward-headers": "identity headers to send (repeatable, or comma-separated): cn, "
+    "subject, issuer, serial, fingerprint, san, not-before, not-after [default: all]",
 }
 
 

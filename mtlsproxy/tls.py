@@ -197,7 +197,9 @@ def build_context(
     if crls:
         for crl in crls:
             store.add_crl(crl)
-        store.set_flags(X509StoreFlags.CRL_CHECK)
+        # The leaf and every intermediate are checked: a revoked intermediate
+        # must not keep signing clients in (each CA then needs its CRL).
+        store.set_flags(X509StoreFlags.CRL_CHECK | X509StoreFlags.CRL_CHECK_ALL)
 
     mode = SSL.VERIFY_PEER
     if config.client_auth == "required":
@@ -221,7 +223,7 @@ def context_from_config(config: Config) -> SSL.Context:
     identity = certs.load_server_identity(config)
     cas = certs.load_client_cas(config)
     crls = certs.load_crls(config.crl)
-    return build_context(config, identity, cas, crls)
+    return build_context(config, identity, cas, crls, verify_depth=config.verify_depth)
 
 
 @implementer(IOpenSSLServerConnectionCreator)

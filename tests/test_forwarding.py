@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from OpenSSL import crypto
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -34,11 +35,18 @@ SETTINGS = ProxySettings(
 
 
 class _Handle:
+    """Answers like a pyOpenSSL connection after a verified handshake."""
+
     def __init__(self, cert: Any) -> None:
         self.cert = cert
 
     def get_peer_certificate(self, as_cryptography: bool = False) -> Any:
-        return self.cert
+        if as_cryptography:
+            return self.cert
+        return crypto.X509.from_cryptography(self.cert)
+
+    def get_verified_chain(self, as_cryptography: bool = False) -> Any:
+        return [self.get_peer_certificate(as_cryptography)]
 
 
 class ClientTransport(StringTransport):

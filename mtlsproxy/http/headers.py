@@ -12,19 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..identity import reserved_extra_names
+
 Headers = list[tuple[bytes, bytes]]
 
-#: Headers only the proxy may set (compared after lower-casing and "_" -> "-").
-_RESERVED_EXACT = frozenset(
-    {
-        b"x-forwarded-client-cert",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"forwarded",
-    }
-)
-_RESERVED_PREFIX = b"x-client-cert"
+#: Headers only the proxy may set (compared after lower-casing and "_" -> "-"):
+#: the identity headers (with RFC 9440's Client-Cert and Client-Cert-Chain,
+#: whatever --forward-cert says) and every forwarding header.
+_RESERVED_EXACT = frozenset({b"forwarded"}) | reserved_extra_names()
+_RESERVED_PREFIXES = (b"x-client-cert", b"x-forwarded-")
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1), handled per connection.
 _HOP_BY_HOP = frozenset(
@@ -48,7 +44,7 @@ def normalise(name: bytes) -> bytes:
 def is_reserved(name: bytes) -> bool:
     """True for headers that only mtlsproxy may send to the backend."""
     n = normalise(name)
-    return n.startswith(_RESERVED_PREFIX) or n in _RESERVED_EXACT
+    return n.startswith(_RESERVED_PREFIXES) or n in _RESERVED_EXACT
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:

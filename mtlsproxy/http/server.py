@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
@@ -37,7 +37,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import tls
-from ..identity import ClientIdentity, identity_from_certificate, identity_headers
+from ..identity import (
+    CN_ONLY,
+    ClientIdentity,
+    HeaderSettings,
+    IdentityCache,
+    UnreadableCertificate,
+    encode_header_value,
+    identity_from_connection,
+    identity_headers,
+)
+from ..policy import Policy, parse_target
 from .backend import BackendConnection, BackendPool, Headers, connect_error_reason
 from .headers import (
     connection_tokens,
@@ -68,6 +78,11 @@ class ProxySettings:
     backend_timeout: float
     max_header_bytes: int
     client_auth_required: bool
+    policy: Policy = field(default_factory=Policy)
+    header_settings: HeaderSettings = CN_ONLY
+    #: identities of verified clients by certificate, so that a resumed
+    #: session (whose verified chain OpenSSL does not keep) gets the same headers
+    identity_cache: IdentityCache = field(default_factory=IdentityCache, compare=False)
 
 
 class _HeadersTooLarge(Exception):
@@ -172,13 +187,20 @@ class ClientConnection(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         conn: SSL.Connection = self.transport.getHandle()
-        cert = conn.get_peer_certificate(as_cryptography=True)
-        if cert is not None:
-            self.identity = identity_from_certificate(cert)
-            self.identity_headers = identity_headers(self.identity)
-        elif self.settings.client_auth_required:  # pragma: no cover - OpenSSL refuses first
-            self._refuse("certificate required")
+        try:
+            self.identity = identity_from_connection(conn, self.settings.identity_cache)
+        except UnreadableCertificate as e:
+            # OpenSSL verified it, but it cannot be read back: never forward
+            # a client whose identity we cannot state.
+            self._refuse(f"unreadable certificate ({e})")
             return
+        if self.identity is None and self.settings.client_auth_required:
+            self._refuse("certificate required")  # pragma: no cover - OpenSSL refuses first
+            return
+        if self.identity is not None:
+            self.identity_headers = identity_headers(self.identity, self.settings.header_settings)
+            for problem in self.identity.problems:
+                log.warn("client {peer}: {problem}", peer=self.peer, problem=problem)
         self._set_timer(self.settings.idle_timeout, self._idle_timed_out)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -492,6 +514,8 @@ class Exchange:
 
     def start(self) -> None:
         request = self.request
+        if not self._authorise():
+            return
         if request.expect_continue:
             self.client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         conn, pending = self.pool.acquire()
@@ -501,6 +525,40 @@ class Exchange:
             assert pending is not None
             self.client.pause("connecting")
             pending.addCallbacks(self._connected, self._connect_failed)
+
+    def _authorise(self) -> bool:
+        """
+        Apply the allow rules; answer 400 or 403 and return False to refuse.
+
+        Per-path rules decide on the normalised path, so the normalised
+        target is what gets forwarded: the backend must act on the request
+        that was checked, never on a spelling that could route elsewhere.
+        Without per-path rules the path decides nothing and the client's
+        target is forwarded byte for byte.
+        """
+        policy = self.client.settings.policy
+        path = "/"
+        if policy.rules:
+            target = parse_target(self.request.target)
+            if target is None:
+                self.client.broken = (0, "bad request target")
+                self._respond_error(400, "request target is ambiguous or not allowed")
+                return False
+            path = target.path
+            self.request.target = target.forward
+            if target.authority is not None:
+                # RFC 9112 3.2.2: an absolute-form target's authority is the Host.
+                self.request.headers = [
+                    (n, v) for n, v in self.request.headers if n.lower() != b"host"
+                ] + [(b"Host", target.authority)]
+        if not policy.restricts:
+            return True
+        decision = policy.decide(self.client.identity, path)
+        if decision.allowed:
+            return True
+        log.info("refused {peer}: {reason}", peer=self.client.peer, reason=decision.reason)
+        self._respond_error(403, "not allowed", logged=True)
+        return False
 
     def _connected(self, conn: BackendConnection) -> None:
         self.client.resume("connecting")
@@ -707,12 +765,16 @@ class Exchange:
 
     # -- ending -----------------------------------------------------------
 
-    def _respond_error(self, status: int, reason: str) -> None:
+    def _respond_error(self, status: int, reason: str, logged: bool = False) -> None:
         self._cancel_timeout()
         self._drop_backend()
-        log.info(
-            "{status} for {peer}: {reason}", status=status, peer=self.client.peer, reason=reason
-        )
+        if not logged:
+            log.info(
+                "{status} for {peer}: {reason}",
+                status=status,
+                peer=self.client.peer,
+                reason=reason,
+            )
         body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
         keep_alive = (
             self.keep_alive and not self.request.body_pending and self.client.broken is None
@@ -765,7 +827,7 @@ class Exchange:
         identity = self.client.identity
         cn = "-"
         if identity is not None and identity.cn is not None:
-            cn = self.client.identity_headers[0][1].decode("ascii")
+            cn = encode_header_value(identity.cn).decode("ascii")
         access_log.info(
             '{peer} {cn} "{method} {target} HTTP/{version}" {status} {bytes} {duration:.3f}s',
             peer=self.client.peer,
