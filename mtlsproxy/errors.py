@@ -53,7 +53,8 @@ class CertificateLoadError(ConfigError):
 class ListenError(MtlsProxyError):
     """The listening socket could not be opened (port in use, permission, bad fd)."""
 
-    def __init__(self, description: str, problem: str) -> None:
+    def __init__(self, description: str, problem: str, option: str = "--listen") -> None:
         self.description = description
         self.problem = problem
-        super().__init__(f"--listen {description}: {problem}")
+        self.option = option
+        super().__init__(f"{option} {description}: {problem}")

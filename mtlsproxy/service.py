@@ -1,5 +1,5 @@
 """
-Service wiring: Config -> a Twisted service that listens, proxies and reloads.
+Service wiring: Config -> a Twisted service that listens, proxies, reloads and drains.
 
 The TLS layer is put over whatever server endpoint the operator described
 (C{tcp:}, C{tcp6:}, C{systemd:}), so socket activation needs no code of its own.
@@ -11,18 +11,21 @@ import os
 import signal
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from . import tls
+from . import check, notify, shutdown, tls
 from .config import Config
 from .errors import ListenError, MtlsProxyError
 from .http.backend import BackendPool
 from .http.server import ProxyFactory, ProxySettings
+from .metrics import Metrics, backend_probe, metrics_site
 
 log = Logger("mtlsproxy")
 
@@ -41,67 +44,84 @@ def settings_from_config(config: Config) -> ProxySettings:
 
 class ProxyService(MultiService):
     """
-    The listening proxy.
+    The listening proxy, its metrics listener, reloads and graceful stop.
 
-    The listener is opened in C{privilegedStartService}, before twistd drops
+    The listeners are opened in C{privilegedStartService}, before twistd drops
     privileges (port 443), and synchronously, so that a port already in use
     ends start-up with one line instead of a logged traceback.
     """
 
-    def __init__(self, config: Config, reactor: Any, creator: tls.ReloadableServerCreator) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        creator: tls.ReloadableServerCreator,
+        material: tls.Material,
+    ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.creator = creator
+        self.metrics = Metrics()
         self.pool = BackendPool(reactor, config.backend, config.backend_connect_timeout)
-        self.factory = ProxyFactory(settings_from_config(config), self.pool, reactor)
+        self.factory = ProxyFactory(
+            settings_from_config(config), self.pool, reactor, metrics=self.metrics
+        )
+        self.metrics.watch_connections(
+            lambda: len(self.factory.connections), lambda: self.pool.open_connections
+        )
         self.port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
+        self._record(material)
+
+    # -- start -------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
         try:
             self.port = self.listen()
+            if self.config.metrics is not None:
+                self.metrics_port = self._listen_metrics(self.config.metrics)
         except ListenError as e:
             # twistd has already pointed sys.stderr at its log: write to the
             # real standard error, where the operator (or systemd) looks.
             os.write(2, f"mtlsproxy: {e}\n".encode())
+            if self.port is not None:
+                self.port.stopListening()
             raise SystemExit(1) from None
         # From the moment the socket is open, SIGTERM means a clean stop.
         self._install_signals()
         super().privilegedStartService()
 
     def listen(self) -> IListeningPort:
-        """Open the listening socket now, or raise L{ListenError}."""
-        description = self.config.listen
-        try:
-            endpoint = serverFromString(self.reactor, description)
-        except IndexError:
-            raise ListenError(
-                description,
-                "no inherited socket at that index (socket activation needs LISTEN_FDS, "
-                "LISTEN_FDNAMES and LISTEN_PID, as systemd sets them)",
-            ) from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ListenError(description, f"not a valid endpoint description ({e})") from None
+        """Open the TLS listener now, or raise L{ListenError}."""
         wrapped = TLSMemoryBIOFactory(self.creator, False, self.factory)
-        outcome: list[Any] = []
-        endpoint.listen(wrapped).addBoth(outcome.append)
-        if not outcome:
-            raise ListenError(description, "the endpoint did not start listening at once")
-        result = outcome[0]
-        if isinstance(result, Failure):
-            raise ListenError(description, _listen_problem(result)) from None
-        address = result.getHost()
+        port = _listen_now(self.reactor, "--listen", self.config.listen, wrapped)
         log.info(
             "mtlsproxy listening on {address}, forwarding to {backend}",
-            address=_format_address(address),
+            address=_format_address(port.getHost()),
             backend=self.config.backend.url,
         )
-        return result  # type: ignore[no-any-return]
+        return port
+
+    def _listen_metrics(self, description: str) -> IListeningPort:
+        probe = backend_probe(
+            self.reactor, self.config.backend, self.config.backend_connect_timeout
+        )
+
+        def ready() -> defer.Deferred[bool]:
+            # Draining: tell the load balancer to stop sending new clients.
+            return defer.succeed(False) if self.factory.draining else probe()
+
+        site = metrics_site(self.metrics, ready, self.reactor)
+        port = _listen_now(self.reactor, "--metrics", description, site)
+        log.info("metrics on http://{address}/metrics", address=_format_address(port.getHost()))
+        return port
 
     def startService(self) -> None:
         super().startService()
         # The reactor's start-up installs Twisted's own handlers: ours again after it.
         self.reactor.addSystemEventTrigger("after", "startup", self._install_signals)
+        self.reactor.callWhenRunning(notify.ready)
 
     def _install_signals(self) -> None:
         def on_sighup(signum: int, frame: object) -> None:
@@ -119,6 +139,8 @@ class ProxyService(MultiService):
         log.info("received SIGTERM, stopping")
         self.reactor.stop()
 
+    # -- reload ------------------------------------------------------------
+
     def reload(self) -> bool:
         """
         Build a new TLS context from the files on disk, then swap it in.
@@ -126,28 +148,88 @@ class ProxyService(MultiService):
         New handshakes use the new material; open connections keep theirs.
         Invalid material is logged and the old context stays in use.
         """
+        notify.reloading()
         try:
-            context = tls.context_from_config(self.config)
+            material = tls.load_material(self.config)
+            context = tls.context_from_material(self.config, material)
         except MtlsProxyError as e:
             log.error("reload failed, keeping the current certificates: {error}", error=str(e))
+            self.metrics.reload(False)
+            notify.ready()
             return False
         self.creator.swap(context)
+        self.metrics.reload(True)
+        self._record(material)
         log.info("reloaded certificates, CA and CRLs")
+        notify.ready()
         return True
 
-    def stopService(self) -> Any:
+    def _record(self, material: tls.Material) -> None:
+        """Expiry gauges, and a warning for anything that ends within 14 days."""
+        entries = check.expiries(material)
+        for line in check.warnings_for(entries):
+            log.warn("{warning}", warning=line)
+        self.metrics.set_expiries(e.as_metric() for e in entries)
+
+    # -- stop --------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop accepting, let in-flight requests finish for up to
+        C{--shutdown-timeout} seconds, then close what is left.  twistd waits
+        for the returned Deferred before the reactor stops.
+        """
+        notify.stopping()
         super().stopService()
-        self.pool.close_idle()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
+        port, self.port = self.port, None
+        d: defer.Deferred[Any] = defer.maybeDeferred(port.stopListening) if port else (
+            defer.succeed(None)
+        )
+        d.addCallback(
+            lambda _: shutdown.drain(self.factory, self.reactor, self.config.shutdown_timeout)
+        )
+
+        def finish(result: object) -> None:
+            self.pool.close_idle()
+            if self.metrics_port is not None:
+                metrics_port, self.metrics_port = self.metrics_port, None
+                metrics_port.stopListening()
+            if isinstance(result, Failure):
+                log.failure("stopping failed", result)
+
+        d.addBoth(finish)
+        return d
+
+
+def _listen_now(
+    reactor: Any, option: str, description: str, factory: IProtocolFactory
+) -> IListeningPort:
+    """Listen on an endpoint description at once, or raise L{ListenError} naming C{option}."""
+    try:
+        endpoint = serverFromString(reactor, description)
+    except IndexError:
+        raise ListenError(
+            description,
+            "no inherited socket at that index (socket activation needs LISTEN_FDS, "
+            "LISTEN_FDNAMES and LISTEN_PID, as systemd sets them)",
+            option,
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ListenError(description, f"not a valid endpoint description ({e})", option) from None
+    outcome: list[Any] = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise ListenError(description, "the endpoint did not start listening at once", option)
+    result = outcome[0]
+    if isinstance(result, Failure):
+        raise ListenError(description, _listen_problem(result), option) from None
+    return result  # type: ignore[no-any-return]
 
 
 def _listen_problem(failure: Failure) -> str:
     value = failure.value
     message = failure.getErrorMessage()
-    if "Address already in use" in message or "in use" in message.lower():
+    if "in use" in message.lower():
         return "address already in use"
     if "Permission denied" in message:
         return "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
@@ -162,7 +244,9 @@ def _format_address(address: Any) -> str:
     return str(address)
 
 
-def make_service(config: Config, reactor: IReactorCore | IReactorTime | Any) -> ProxyService:
+def make_service(config: Config, reactor: Any) -> ProxyService:
     """Build the proxy service; certificate problems raise before anything listens."""
-    creator = tls.ReloadableServerCreator(tls.context_from_config(config))
-    return ProxyService(config, reactor, creator)
+    material = tls.load_material(config)
+    context: SSL.Context = tls.context_from_material(config, material)
+    creator = tls.ReloadableServerCreator(context)
+    return ProxyService(config, reactor, creator, material)

@@ -213,17 +213,43 @@ def build_context(
     return ctx
 
 
-def context_from_config(config: Config) -> SSL.Context:
+@dataclass(frozen=True)
+class Material:
+    """Everything a server context is built from, loaded and checked."""
+
+    identity: certs.ServerIdentity
+    cas: tuple[x509.Certificate, ...]
+    crls: tuple[x509.CertificateRevocationList, ...]
+
+
+def load_material(config: Config) -> Material:
     """
-    Load every file the configuration names and build the server context;
-    what start-up and reload call.
+    Load every file the configuration names: what start-up, reload and
+    C{mtlsproxy check} read, once, before building anything from it.
 
     @raise CertificateLoadError: naming the option and file that is wrong.
     """
-    identity = certs.load_server_identity(config)
-    cas = certs.load_client_cas(config)
-    crls = certs.load_crls(config.crl)
-    return build_context(config, identity, cas, crls, verify_depth=config.verify_depth)
+    return Material(
+        certs.load_server_identity(config),
+        certs.load_client_cas(config),
+        certs.load_crls(config.crl),
+    )
+
+
+def context_from_material(config: Config, material: Material) -> SSL.Context:
+    """The server context for C{config} from already loaded material."""
+    return build_context(
+        config, material.identity, material.cas, material.crls, verify_depth=config.verify_depth
+    )
+
+
+def context_from_config(config: Config) -> SSL.Context:
+    """
+    Load every file the configuration names and build the server context.
+
+    @raise CertificateLoadError: naming the option and file that is wrong.
+    """
+    return context_from_material(config, load_material(config))
 
 
 @implementer(IOpenSSLServerConnectionCreator)

@@ -222,6 +222,14 @@ def _describe(reason: Failure) -> str:
     return f" ({reason.getErrorMessage()})"
 
 
+def backend_endpoint(reactor: Any, backend: Backend, timeout: float) -> IStreamClientEndpoint:
+    """The client endpoint for C{--backend}: TCP (name resolved, IPv6 too) or a unix socket."""
+    if backend.path is not None:
+        return UNIXClientEndpoint(reactor, backend.path, timeout=timeout)
+    assert backend.host is not None and backend.port is not None
+    return HostnameEndpoint(reactor, backend.host.encode("idna"), backend.port, timeout=timeout)
+
+
 class BackendPool:
     """
     Keep-alive connections to one backend, handed out one exchange at a time.
@@ -243,19 +251,10 @@ class BackendPool:
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._idle: deque[BackendConnection] = deque()
-        self._endpoint = endpoint or self._make_endpoint()
+        self._endpoint = endpoint or backend_endpoint(reactor, backend, connect_timeout)
         self._factory = Factory.forProtocol(lambda: BackendConnection(self))
         self._factory.noisy = False  # one log line per backend connection is noise
         self.open_connections = 0
-
-    def _make_endpoint(self) -> IStreamClientEndpoint:
-        b = self.backend
-        if b.path is not None:
-            return UNIXClientEndpoint(self._reactor, b.path, timeout=self._connect_timeout)
-        assert b.host is not None and b.port is not None
-        return HostnameEndpoint(
-            self._reactor, b.host.encode("idna"), b.port, timeout=self._connect_timeout
-        )
 
     def acquire(self) -> tuple[BackendConnection | None, defer.Deferred[BackendConnection] | None]:
         """

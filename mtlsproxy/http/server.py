@@ -47,6 +47,7 @@ from ..identity import (
     identity_from_connection,
     identity_headers,
 )
+from ..metrics import Metrics
 from ..policy import Policy, parse_target
 from .backend import BackendConnection, BackendPool, Headers, connect_error_reason
 from .headers import (
@@ -181,7 +182,7 @@ class ClientConnection(Protocol):
         host = getattr(peer, "host", None)
         self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else str(peer)
         self.peer_host = host or ""
-        self.factory.open_connections += 1
+        self.factory.connections.add(self)
         self._set_timer(self.settings.handshake_timeout, self._handshake_timed_out)
 
     def handshakeCompleted(self) -> None:
@@ -201,11 +202,13 @@ class ClientConnection(Protocol):
             self.identity_headers = identity_headers(self.identity, self.settings.header_settings)
             for problem in self.identity.problems:
                 log.warn("client {peer}: {problem}", peer=self.peer, problem=problem)
+        if self.factory.metrics is not None:
+            self.factory.metrics.handshake("ok")
         self._set_timer(self.settings.idle_timeout, self._idle_timed_out)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
-        self.factory.open_connections -= 1
+        self.factory.connections.discard(self)
         self._cancel_timer()
         if not self.handshake_done:
             handle = None
@@ -222,17 +225,19 @@ class ClientConnection(Protocol):
                 # Closed before a ClientHello: a port probe or a load
                 # balancer's TCP check, not a client that was refused.
                 return
-            log.info(
-                "refused {peer}: {reason}",
-                peer=self.peer,
-                reason=tls.refusal_reason(handle, reason),
-            )
+            self._log_refusal(tls.refusal_reason(handle, reason))
             return
         if self.exchange is not None:
             self.exchange.client_lost()
 
-    def _refuse(self, reason: str) -> None:
+    def _log_refusal(self, reason: str) -> None:
+        """One line per refused handshake, in the words operators grep for."""
         log.info("refused {peer}: {reason}", peer=self.peer, reason=reason)
+        if self.factory.metrics is not None:
+            self.factory.metrics.handshake("refused", reason)
+
+    def _refuse(self, reason: str) -> None:
+        self._log_refusal(reason)
         self.handshake_done = True  # the refusal is logged; do not log it again
         self.transport.abortConnection()
 
@@ -414,7 +419,7 @@ class ClientConnection(Protocol):
         """Called by the exchange once the response has been written in full."""
         self.current = None
         self.exchange = None
-        if not keep_alive or self.closed:
+        if not keep_alive or self.closed or self.factory.draining:
             self.transport.loseConnection()
             return
         if self.queue:
@@ -435,6 +440,8 @@ class ClientConnection(Protocol):
 
     def _send_error(self, status: int, reason: str) -> None:
         """An answer of the proxy's own, after which the connection closes."""
+        if self.factory.metrics is not None:
+            self.factory.metrics.request(status, 0.0)
         body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
         self.transport.write(
             _status_line(status, _REASONS[status])
@@ -571,7 +578,9 @@ class Exchange:
         self.client.resume("connecting")
         if self.finished or self.client.closed:
             return
-        self._respond_error(502, connect_error_reason(failure))
+        reason = connect_error_reason(failure)
+        self._backend_error(reason)
+        self._respond_error(502, reason)
 
     def _head(self) -> bytes:
         request = self.request
@@ -647,9 +656,15 @@ class Exchange:
             self._drop_backend()
             self._log(499)
 
+    def _backend_error(self, kind: str) -> None:
+        metrics = self.client.factory.metrics
+        if metrics is not None:
+            metrics.backend_error(kind)
+
     def _backend_timed_out(self) -> None:
         self._timeout = None
         if not self.response_started and not self.finished:
+            self._backend_error("response timeout")
             self._drop_backend()
             self._respond_error(504, "backend sent no response headers in time")
 
@@ -698,7 +713,7 @@ class Exchange:
             # Answered before the client finished sending: the rest of its
             # body cannot be skipped safely, so the connection ends here.
             self.keep_alive = False
-        if self.client.broken is not None:
+        if self.client.broken is not None or self.client.factory.draining:
             self.keep_alive = False
         if not self.keep_alive:
             parts.append(b"Connection: close\r\n")
@@ -730,6 +745,7 @@ class Exchange:
     def backend_failed(self, reason: str, response_started: bool) -> None:
         if self.finished:
             return
+        self._backend_error(reason)
         self._detach()
         if response_started:
             # Too late for an error answer: end the connection so the client
@@ -777,7 +793,10 @@ class Exchange:
             )
         body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
         keep_alive = (
-            self.keep_alive and not self.request.body_pending and self.client.broken is None
+            self.keep_alive
+            and not self.request.body_pending
+            and self.client.broken is None
+            and not self.client.factory.draining
         )
         head = _status_line(status, _REASONS[status]) + (
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
@@ -824,6 +843,10 @@ class Exchange:
 
     def _log(self, status: int) -> None:
         request = self.request
+        duration = time.monotonic() - request.started
+        metrics = self.client.factory.metrics
+        if metrics is not None:
+            metrics.request(status, duration)
         identity = self.client.identity
         cn = "-"
         if identity is not None and identity.cn is not None:
@@ -837,7 +860,7 @@ class Exchange:
             version=request.version.decode("ascii"),
             status=status,
             bytes=self.bytes_sent,
-            duration=time.monotonic() - request.started,
+            duration=duration,
         )
 
 
@@ -846,11 +869,20 @@ class ProxyFactory(Factory):
 
     noisy = False
 
-    def __init__(self, settings: ProxySettings, pool: BackendPool, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        pool: BackendPool,
+        clock: IReactorTime,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.clock = clock
-        self.open_connections = 0
+        self.metrics = metrics
+        self.connections: set[ClientConnection] = set()
+        #: set when stopping: every response ends its connection
+        self.draining = False
 
     def buildProtocol(self, addr: Any) -> ClientConnection:
         return ClientConnection(self)

@@ -1,0 +1,208 @@
+"""
+Log observers for twistd's C{--logger} option.
+
+C{twistd --logger=mtlsproxy.logformat.json_observer -n mtlsproxy ...} writes
+one JSON object per line to stdout, for log shippers (Loki, Elasticsearch,
+C{journalctl -o cat | jq}) that would otherwise have to parse free text:
+
+    {"time": "2026-05-11T10:00:00.123Z", "level": "info",
+     "namespace": "mtlsproxy.access", "message": "127.0.0.1:50312 alice ...",
+     "peer": "127.0.0.1:50312", "cn": "alice", "status": 200, ...}
+
+The event's own fields (C{peer}, C{reason}, C{status}, ...) are kept as
+top-level keys so that they can be queried without parsing C{message}; a field
+whose name clashes with one of the five fixed keys gets the prefix C{field_}.
+
+C{twistd --logger=mtlsproxy.logformat.journal_observer} is the plain-text
+alternative for the journal: no timestamp (the journal has its own) and the
+level as a syslog priority, so C{journalctl -p warning -u mtlsproxy} works.
+
+Both add the syslog priority prefix (C{<4>}) only when stdout really is the
+journal's stream (systemd's C{JOURNAL_STREAM}), which journald strips; written
+to a terminal or a file, each JSON line is plain JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import IO, Any
+
+from constantly import NamedConstant
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: The keys every JSON line has; event fields with these names are prefixed.
+FIXED_KEYS = ("time", "level", "namespace", "message", "system")
+
+#: Keys of events from the legacy C{twisted.python.log} API that are not data.
+_LEGACY_KEYS = frozenset({"message", "time", "system", "isError", "format", "why", "failure"})
+
+#: LogLevel -> syslog priority (sd-daemon(3) prefixes).
+_PRIORITY: dict[NamedConstant, int] = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+
+def _level(event: LogEvent) -> NamedConstant:
+    level = event.get("log_level")
+    # LogLevel's members are NamedConstants, not LogLevel instances.
+    if level in _PRIORITY:
+        return level
+    return LogLevel.error if event.get("isError") else LogLevel.info
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-encodable form of an event field; never raises."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, NamedConstant):
+        return value.name
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _timestamp(event: LogEvent) -> str:
+    seconds = event.get("log_time")
+    if not isinstance(seconds, int | float):
+        seconds = event.get("time")
+    if not isinstance(seconds, int | float):
+        return ""
+    when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def _failure(event: LogEvent) -> Failure | None:
+    failure = event.get("log_failure", event.get("failure"))
+    return failure if isinstance(failure, Failure) else None
+
+
+def event_as_json(event: LogEvent) -> str:
+    """One event as one line of JSON (no newline); never raises."""
+    record: dict[str, Any] = {
+        "time": _timestamp(event),
+        "level": _level(event).name,
+        "namespace": str(event.get("log_namespace", "")),
+        "message": formatEvent(event),
+    }
+    system = event.get("log_system", event.get("system"))
+    if system is not None and system != "-":
+        record["system"] = _jsonable(system)
+    legacy = "log_legacy" in event or "isError" in event
+    for key, value in event.items():
+        if not isinstance(key, str) or key.startswith("log_"):
+            continue
+        if legacy and key in _LEGACY_KEYS:
+            continue
+        name = f"field_{key}" if key in FIXED_KEYS else key
+        record[name] = _jsonable(value)
+    failure = _failure(event)
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str)
+    except (TypeError, ValueError) as e:
+        fallback = {k: record[k] for k in ("time", "level", "namespace")}
+        fallback["message"] = f"unencodable log event: {e}"
+        return json.dumps(fallback)
+
+
+def event_as_text(event: LogEvent) -> str:
+    """C{[namespace] message}, the traceback of a failure on the lines after."""
+    text = f"[{event.get('log_namespace', '-')}] {formatEvent(event)}"
+    failure = _failure(event)
+    if failure is not None:
+        try:
+            text += "\n" + failure.getTraceback().rstrip("\n")
+        except Exception:
+            text += f"\n{failure!r}"
+    return text
+
+
+def writes_to_journal(out: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """
+    Whether C{out} is the journal's stream: systemd sets C{JOURNAL_STREAM} to
+    the C{device:inode} of the stream it connected stdout or stderr to.
+    """
+    value = environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        st = os.fstat(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return st.st_dev == int(device) and st.st_ino == int(inode)
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """
+    Write each event as one line (a JSON object, or text) and flush, so that a
+    line reaches the journal when it is logged, not when a buffer fills.
+    """
+
+    def __init__(self, out: IO[str], as_json: bool, priority_prefix: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.priority_prefix = priority_prefix
+
+    def __call__(self, event: LogEvent) -> None:
+        try:
+            if self.as_json:
+                text = event_as_json(event)
+            else:
+                text = event_as_text(event)
+            prefix = f"<{_PRIORITY.get(_level(event), 6)}>" if self.priority_prefix else ""
+            if prefix and "\n" in text:
+                # journald prefixes only apply to one line; continuation
+                # lines of a traceback keep the event's priority this way.
+                text = "\n".join(prefix + line for line in text.split("\n"))
+            else:
+                text = prefix + text
+            self.out.write(text + "\n")
+            self.out.flush()
+        except Exception:
+            # An observer must never raise: Twisted would drop it and log the
+            # error through the remaining observers, i.e. nowhere.
+            pass
+
+
+def json_observer(out: IO[str] | None = None) -> LineObserver:
+    """
+    The factory for C{twistd --logger=mtlsproxy.logformat.json_observer}:
+    one JSON object per line on stdout.
+    """
+    stream = sys.stdout if out is None else out
+    return LineObserver(stream, as_json=True, priority_prefix=writes_to_journal(stream))
+
+
+def journal_observer(out: IO[str] | None = None) -> LineObserver:
+    """
+    The factory for C{twistd --logger=mtlsproxy.logformat.journal_observer}:
+    C{[namespace] message} lines without a timestamp, at their syslog priority.
+    """
+    stream = sys.stdout if out is None else out
+    return LineObserver(stream, as_json=False, priority_prefix=writes_to_journal(stream))

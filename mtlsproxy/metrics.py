@@ -1,0 +1,470 @@
+"""
+Prometheus metrics and health endpoints, served on the plain-HTTP C{--metrics} listener.
+
+L{Metrics} holds its own C{CollectorRegistry} rather than prometheus_client's
+global one: the proxy's numbers are never mixed with whatever else a process
+registers, and tests (or several proxies in one process) each get their own.
+
+Label values are bounded on purpose: handshake reasons and backend error kinds
+are mapped onto a small fixed set (the plain words operators already grep the
+log for), and status codes are reduced to their class.  A label taken straight
+from a client-controlled string would let any client grow the time series
+without bound.
+
+C{/healthz} answers C{200} whenever the reactor is turning (liveness);
+C{/readyz} also asks the backend (readiness), so a load balancer stops sending
+traffic to a proxy whose application is down or that is shutting down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from . import __version__
+from .config import Backend
+from .http.backend import backend_endpoint
+
+log = Logger("mtlsproxy.metrics")
+
+#: The handshake refusal reasons that get their own label value, in the words
+#: of the interface; anything else is counted as C{"other"}.
+HANDSHAKE_REASONS: tuple[str, ...] = (
+    "certificate required",
+    "unknown CA",
+    "certificate expired",
+    "certificate not yet valid",
+    "certificate revoked",
+    "unsuitable certificate purpose",
+    "certificate signature invalid",
+    "invalid CA certificate",
+    "certificate chain too long",
+    "CRL problem",
+    "handshake timeout",
+    "connection closed during handshake",
+    "TLS handshake failed",
+    "other",
+)
+
+#: Backend error kinds with their own label value; anything else is C{"other"}.
+BACKEND_ERROR_KINDS: tuple[str, ...] = (
+    "refused",
+    "connect timeout",
+    "name does not resolve",
+    "unreachable",
+    "response timeout",
+    "closed early",
+    "protocol error",
+    "other",
+)
+
+#: What the expiry gauge's C{kind} label may be.
+EXPIRY_KINDS: tuple[str, ...] = ("server", "chain", "ca", "crl")
+
+#: Request durations: up to the default C{--backend-timeout} of 60 s and beyond.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"),
+)
+
+_STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def handshake_reason(reason: str) -> str:
+    """
+    Map a refusal reason as logged (C{tls.refusal_reason}'s words, possibly
+    followed by details such as C{"(depth 0, subject CN=x)"}) onto
+    L{HANDSHAKE_REASONS}.
+    """
+    text = reason.strip()
+    if text.startswith(("CRL ", "unable to get CRL")):
+        return "CRL problem"
+    for known in HANDSHAKE_REASONS:
+        if text == known or text.startswith(known + " ") or text.startswith(known + ":"):
+            return known
+    return "other"
+
+
+def backend_error_kind(kind: str) -> str:
+    """
+    Map a backend error kind, or the reason text the HTTP layer logs
+    (C{http.backend.connect_error_reason}, C{"backend sent no response headers
+    in time"}, ...), onto L{BACKEND_ERROR_KINDS}.
+    """
+    text = kind.strip().lower()
+    if text in BACKEND_ERROR_KINDS:
+        return text
+    if "refused" in text:
+        return "refused"
+    if "connect timeout" in text or "connection timed out" in text:
+        return "connect timeout"
+    if "resolve" in text or "dns" in text:
+        return "name does not resolve"
+    if "unreachable" in text:
+        return "unreachable"
+    if "in time" in text or "timeout" in text or "timed out" in text:
+        return "response timeout"
+    if "closed" in text or "reset" in text or "lost" in text:
+        return "closed early"
+    if "invalid" in text or "malformed" in text or "protocol" in text or "parse" in text:
+        return "protocol error"
+    return "other"
+
+
+def status_class(status: int) -> str:
+    """C{"2xx"} for 200 to 299 and so on; C{"other"} outside 100 to 599."""
+    if 100 <= status <= 599:
+        return _STATUS_CLASSES[status // 100 - 1]
+    return "other"
+
+
+class Metrics:
+    """
+    The proxy's metrics, in a registry of their own.
+
+    The HTTP layer calls L{handshake}, L{request}, L{backend_error}; the
+    service calls L{reload} and L{set_expiries}, and L{watch_connections} once
+    with callables that count open connections (read at scrape time, so
+    nothing has to be updated on every connection).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
+        """
+        @param registry: where to register; a new one by default.
+        @param process: also export C{process_*} (memory, CPU, open file
+            descriptors) from C{/proc}; off in tests that compare whole outputs.
+        """
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._handshakes = Counter(
+            "mtlsproxy_handshakes",
+            "TLS handshakes by result (ok, refused) and refusal reason",
+            ["result", "reason"],
+            registry=r,
+        )
+        self._requests = Counter(
+            "mtlsproxy_requests",
+            "Requests answered, by status class (the proxy's own answers included)",
+            ["status_class"],
+            registry=r,
+        )
+        self._duration = Histogram(
+            "mtlsproxy_request_duration_seconds",
+            "Time from a request's head to the last byte of its response",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._backend_errors = Counter(
+            "mtlsproxy_backend_errors",
+            "Backend connections that failed or broke, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self._client_connections = Gauge(
+            "mtlsproxy_client_connections",
+            "Client connections open now (handshaking ones included)",
+            registry=r,
+        )
+        self._backend_connections = Gauge(
+            "mtlsproxy_backend_connections",
+            "Backend connections open now (idle pooled ones included)",
+            registry=r,
+        )
+        self._reloads = Counter(
+            "mtlsproxy_reloads",
+            "Certificate reloads (SIGHUP) by result",
+            ["result"],
+            registry=r,
+        )
+        self._last_reload_ok = Gauge(
+            "mtlsproxy_last_reload_successful",
+            "1 if the last reload succeeded (or none was attempted), 0 if it failed",
+            registry=r,
+        )
+        self._last_reload_time = Gauge(
+            "mtlsproxy_last_reload_timestamp_seconds",
+            "Unix time of the last reload attempt",
+            registry=r,
+        )
+        self._expiry = Gauge(
+            "mtlsproxy_expiry_timestamp_seconds",
+            "Unix time when certificates in use expire (kind server, chain, ca) "
+            "or when a CRL in use is due for its next update (kind crl)",
+            ["kind", "subject"],
+            registry=r,
+        )
+        info = Gauge("mtlsproxy_info", "mtlsproxy version", ["version"], registry=r)
+        info.labels(version=__version__).set(1)
+        if process:
+            ProcessCollector(registry=r)
+
+        # Zeroed series from the start, so that rate() and absent() work
+        # before the first event of each kind.
+        self._handshakes.labels(result="ok", reason="none")
+        for cls in _STATUS_CLASSES:
+            self._requests.labels(status_class=cls)
+        for result in ("ok", "failed"):
+            self._reloads.labels(result=result)
+        self._last_reload_ok.set(1)
+
+    # -- events from the HTTP layer ----------------------------------------
+
+    def handshake(self, result: str, reason: str = "") -> None:
+        """
+        Count one finished handshake.
+
+        @param result: C{"ok"} or C{"refused"}.
+        @param reason: for refusals, the logged reason (see L{handshake_reason}).
+        @raise ValueError: for any other C{result}: a programming error.
+        """
+        if result == "ok":
+            self._handshakes.labels(result="ok", reason="none").inc()
+        elif result == "refused":
+            self._handshakes.labels(result="refused", reason=handshake_reason(reason)).inc()
+        else:
+            raise ValueError(f"handshake result must be 'ok' or 'refused', not {result!r}")
+
+    def request(self, status: int, duration: float) -> None:
+        """Count one answered request (499 for a client gone mid-exchange) and its duration."""
+        self._requests.labels(status_class=status_class(status)).inc()
+        self._duration.observe(max(0.0, duration))
+
+    def backend_error(self, kind: str) -> None:
+        """Count one backend failure; C{kind} as in L{backend_error_kind}."""
+        self._backend_errors.labels(kind=backend_error_kind(kind)).inc()
+
+    def watch_connections(
+        self,
+        client: Callable[[], float] | None = None,
+        backend: Callable[[], float] | None = None,
+    ) -> None:
+        """
+        Read the open-connection gauges from these callables at each scrape,
+        e.g. C{lambda: len(factory.connections)} and C{lambda: pool.open_connections}.
+        """
+        if client is not None:
+            self._client_connections.set_function(client)
+        if backend is not None:
+            self._backend_connections.set_function(backend)
+
+    # -- events from the service -------------------------------------------
+
+    def reload(self, ok: bool, timestamp: float | None = None) -> None:
+        """Record a reload attempt and whether it succeeded."""
+        self._reloads.labels(result="ok" if ok else "failed").inc()
+        self._last_reload_ok.set(1 if ok else 0)
+        if timestamp is None:
+            self._last_reload_time.set_to_current_time()
+        else:
+            self._last_reload_time.set(timestamp)
+
+    def expiry(self, kind: str, subject: str, timestamp: float) -> None:
+        """
+        Export one expiry time.
+
+        @param kind: one of L{EXPIRY_KINDS}.
+        @param subject: the certificate's subject (the CRL's issuer), RFC 4514.
+        @param timestamp: Unix time of notAfter (of nextUpdate for a CRL).
+        @raise ValueError: for an unknown C{kind}.
+        """
+        if kind not in EXPIRY_KINDS:
+            raise ValueError(f"expiry kind must be one of {EXPIRY_KINDS}, not {kind!r}")
+        self._expiry.labels(kind=kind, subject=subject).set(timestamp)
+
+    def set_expiries(self, entries: Iterable[tuple[str, str, float]]) -> None:
+        """
+        Replace every expiry series with C{(kind, subject, timestamp)} entries:
+        what start-up and each successful reload call, so that a certificate
+        no longer in use stops being reported.
+        """
+        entries = list(entries)
+        for kind, _subject, _timestamp in entries:
+            if kind not in EXPIRY_KINDS:
+                raise ValueError(f"expiry kind must be one of {EXPIRY_KINDS}, not {kind!r}")
+        self._expiry.clear()
+        for kind, subject, timestamp in entries:
+            self.expiry(kind, subject, timestamp)
+
+    # -- exposition ----------------------------------------------------------
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """
+        The body and content type of a scrape; OpenMetrics when the scraper
+        asks for it in C{Accept}, Prometheus text format otherwise.
+        """
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+# -- HTTP ---------------------------------------------------------------------
+
+
+class _Text(Resource):
+    """A fixed plain-text answer."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return self.body
+
+
+class MetricsResource(Resource):
+    """C{/metrics}: the registry in Prometheus (or OpenMetrics) text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept") or b""
+        body, content_type = self.metrics.render(accept.decode("latin-1"))
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+
+class ReadyResource(Resource):
+    """
+    C{/readyz}: C{200} when C{backend_ready()} says yes within C{timeout}
+    seconds, C{503} otherwise (no, an error, or no answer in time).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        backend_ready: Callable[[], Deferred[bool]],
+        clock: IReactorTime | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self.backend_ready = backend_ready
+        self.clock = clock
+        self.timeout = timeout
+
+    def render_GET(self, request: Request) -> Any:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        d: Deferred[bool] = maybeDeferred(self.backend_ready)
+        if self.clock is not None:
+            d.addTimeout(self.timeout, self.clock)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(ready: object) -> None:
+            if gone:
+                return
+            if ready is True:
+                request.setResponseCode(200)
+                request.write(b"ready\n")
+            else:
+                request.setResponseCode(503)
+                if isinstance(ready, Failure):
+                    problem = ready.getErrorMessage() or getattr(ready.type, "__name__", "error")
+                    request.write(f"not ready: {problem}\n".encode())
+                else:
+                    request.write(b"not ready: backend unavailable\n")
+            request.finish()
+
+        d.addBoth(answer)
+        d.addErrback(lambda f: log.failure("readiness answer failed", f))
+        return NOT_DONE_YET
+
+
+class _QuietSite(Site):
+    """
+    The metrics site: no access log line per scrape (a scrape every few
+    seconds would drown the proxy's own log), no tracebacks to clients.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+def metrics_root(
+    metrics: Metrics,
+    backend_ready: Callable[[], Deferred[bool]],
+    clock: IReactorTime | None = None,
+    ready_timeout: float = 5.0,
+) -> Resource:
+    """The resource tree: C{/metrics}, C{/healthz}, C{/readyz} and a small index."""
+    root = Resource()
+    root.putChild(b"", _Text(b"mtlsproxy: /metrics /healthz /readyz\n"))
+    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"healthz", _Text(b"ok\n"))
+    root.putChild(b"readyz", ReadyResource(backend_ready, clock, ready_timeout))
+    return root
+
+
+def metrics_site(
+    metrics: Metrics,
+    backend_ready: Callable[[], Deferred[bool]],
+    clock: IReactorTime | None = None,
+    ready_timeout: float = 5.0,
+) -> Site:
+    """
+    The site to listen with on C{--metrics}:
+    C{serverFromString(reactor, config.metrics).listen(metrics_site(...))}.
+
+    @param backend_ready: asked at each C{/readyz}; see L{backend_probe}.
+    @param clock: bounds how long C{/readyz} waits for C{backend_ready};
+        without one, C{backend_ready} must bound itself.
+    """
+    site = _QuietSite(metrics_root(metrics, backend_ready, clock, ready_timeout))
+    site.timeOut = 30
+    return site
+
+
+def backend_probe(
+    reactor: Any,
+    backend: Backend,
+    timeout: float,
+    endpoint: IStreamClientEndpoint | None = None,
+) -> Callable[[], Deferred[bool]]:
+    """
+    A C{backend_ready} for L{metrics_site}: open a connection to the backend
+    and close it at once.  A connection (not a request) is the check because
+    the proxy knows no path on the application that is safe to request.
+
+    @param endpoint: where to connect instead of C{backend} (tests).
+    """
+    target = endpoint or backend_endpoint(reactor, backend, timeout)
+
+    def probe() -> Deferred[bool]:
+        d = connectProtocol(target, Protocol())
+        d.addTimeout(timeout, reactor)
+
+        def connected(protocol: Protocol) -> bool:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+            return True
+
+        def failed(failure: Failure) -> bool:
+            return False
+
+        return d.addCallbacks(connected, failed)
+
+    return probe
