@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -119,6 +119,9 @@ class Config:
     metrics: str | None = None
     workers: int = 1
     shutdown_timeout: float = 10.0
+    reload_interval: float | None = None
+    keystore_password_file: Path | None = None
+    truststore_password_file: Path | None = None
     verify_depth: int = 10
     forward_cert: ForwardCert = "none"
     forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
@@ -163,6 +166,7 @@ OPTIONS: dict[str, str] = {
     "metrics": "str",
     "workers": "count",
     "shutdown-timeout": "seconds",
+    "reload-interval": "seconds",
     "verify-depth": "depth",
     "forward-cert": "str",
     "forward-headers": "strs",
@@ -399,6 +403,9 @@ def build_config(
         metrics=merged.get("metrics"),
         workers=merged.get("workers", 1),
         shutdown_timeout=merged.get("shutdown-timeout", 10.0),
+        reload_interval=merged.get("reload-interval"),
+        keystore_password_file=merged.get("keystore-password-file"),
+        truststore_password_file=merged.get("truststore-password-file"),
         verify_depth=merged.get("verify-depth", 10),
         forward_cert=forward_cert,
         forward_headers=forward_headers,
@@ -463,3 +470,27 @@ def _parse_rules(value: Any, source: str) -> tuple[AllowRule, ...]:
         seen[rule.path] = index
         rules.append(rule)
     return tuple(rules)
+
+
+def refresh_passwords(config: Config) -> Config:
+    """
+    The same configuration with its password files read again.
+
+    A reload picks up a renewed keystore together with its new password;
+    passwords from the environment cannot change in a running process.
+    """
+    if config.keystore_password_file is not None:
+        config = replace(
+            config,
+            keystore_password=_read_password(
+                "--keystore-password-file", config.keystore_password_file, None
+            ),
+        )
+    if config.truststore_password_file is not None:
+        config = replace(
+            config,
+            truststore_password=_read_password(
+                "--truststore-password-file", config.truststore_password_file, None
+            ),
+        )
+    return config

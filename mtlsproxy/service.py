@@ -16,12 +16,13 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from . import check, notify, shutdown, tls
-from .config import Config
+from . import check, notify, shutdown, tls, watch
+from .config import Config, refresh_passwords
 from .errors import ListenError, MtlsProxyError
 from .http.backend import BackendPool
 from .http.server import ProxyFactory, ProxySettings
@@ -72,6 +73,8 @@ class ProxyService(MultiService):
         )
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
+        self._watch: LoopingCall | None = None
+        self._watched = watch.signature(watch.material_files(config))
         self._record(material)
 
     # -- start -------------------------------------------------------------
@@ -122,6 +125,18 @@ class ProxyService(MultiService):
         # The reactor's start-up installs Twisted's own handlers: ours again after it.
         self.reactor.addSystemEventTrigger("after", "startup", self._install_signals)
         self.reactor.callWhenRunning(notify.ready)
+        if self.config.reload_interval is not None:
+            self._watch = LoopingCall(self._check_files)
+            self._watch.clock = self.reactor
+            self._watch.start(self.config.reload_interval, now=False)
+
+    def _check_files(self) -> None:
+        """--reload-interval: reload when any material file was rewritten or replaced."""
+        current = watch.signature(watch.material_files(self.config))
+        if current != self._watched:
+            self._watched = current
+            log.info("certificate files changed on disk, reloading")
+            self.reload()
 
     def _install_signals(self) -> None:
         def on_sighup(signum: int, frame: object) -> None:
@@ -150,14 +165,16 @@ class ProxyService(MultiService):
         """
         notify.reloading()
         try:
-            material = tls.load_material(self.config)
-            context = tls.context_from_material(self.config, material)
+            config = refresh_passwords(self.config)
+            material = tls.load_material(config)
+            context = tls.context_from_material(config, material)
         except MtlsProxyError as e:
             log.error("reload failed, keeping the current certificates: {error}", error=str(e))
             self.metrics.reload(False)
             notify.ready()
             return False
         self.creator.swap(context)
+        self.config = config
         self.metrics.reload(True)
         self._record(material)
         log.info("reloaded certificates, CA and CRLs")
@@ -181,6 +198,8 @@ class ProxyService(MultiService):
         """
         notify.stopping()
         super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         port, self.port = self.port, None
         d: defer.Deferred[Any] = defer.maybeDeferred(port.stopListening) if port else (
             defer.succeed(None)

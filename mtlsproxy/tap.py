@@ -55,6 +55,8 @@ _HELP = {
     "metrics": "endpoint description of the plain-HTTP metrics listener",
     "workers": "processes sharing the listening socket [default: 1]",
     "shutdown-timeout": "seconds to let requests finish on SIGTERM [default: 10]",
+    "reload-interval": "check the certificate, key, CA and CRL files every S seconds and "
+    "reload when one changed [default: off, reload on SIGHUP]",
     "verify-depth": "most intermediate CAs between a client certificate and a trusted CA "
     "(0: issued by a trusted CA directly) [default: 10]",
     "forward-cert": "also send the client certificate: none | pem (X-Client-Cert) | "
