@@ -367,6 +367,13 @@ def build_config(
 
     env = os.environ if environ is None else environ
 
+    if merged.get("workers", 1) > 1 and "metrics" in merged:
+        raise fail(
+            "metrics",
+            "is not available with more than one worker yet: each worker would count "
+            "only its own requests (use --workers 1, or scrape without --metrics)",
+        )
+
     def password(store: str, env_name: str) -> bytes | None:
         name = f"{store}-password-file"
         if store not in merged:

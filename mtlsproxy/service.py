@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, NoReturn
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService
@@ -85,19 +85,27 @@ class ProxyService(MultiService):
             if self.config.metrics is not None:
                 self.metrics_port = self._listen_metrics(self.config.metrics)
         except ListenError as e:
-            # twistd has already pointed sys.stderr at its log: write to the
-            # real standard error, where the operator (or systemd) looks.
-            os.write(2, f"mtlsproxy: {e}\n".encode())
             if self.port is not None:
                 self.port.stopListening()
-            raise SystemExit(1) from None
+            listen_failed(e)
         # From the moment the socket is open, SIGTERM means a clean stop.
-        self._install_signals()
+        install_signals(self.reactor, self.reload, self._stop_requested)
         super().privilegedStartService()
+
+    #: (fd, address family) of an inherited listening socket to accept on
+    #: instead of --listen: how a --workers process gets the master's socket
+    adopt: tuple[int, int] | None = None
+    worker_index: int | None = None
 
     def listen(self) -> IListeningPort:
         """Open the TLS listener now, or raise L{ListenError}."""
         wrapped = TLSMemoryBIOFactory(self.creator, False, self.factory)
+        if self.adopt is not None:
+            fd, family = self.adopt
+            port: IListeningPort = self.reactor.adoptStreamPort(fd, family, wrapped)
+            os.close(fd)  # the reactor holds its own duplicate
+            log.info("worker {index} accepting", index=self.worker_index)
+            return port
         port = _listen_now(self.reactor, "--listen", self.config.listen, wrapped)
         log.info(
             "mtlsproxy listening on {address}, forwarding to {backend}",
@@ -123,8 +131,13 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         # The reactor's start-up installs Twisted's own handlers: ours again after it.
-        self.reactor.addSystemEventTrigger("after", "startup", self._install_signals)
-        self.reactor.callWhenRunning(notify.ready)
+        self.reactor.addSystemEventTrigger(
+            "after",
+            "startup",
+            lambda: install_signals(self.reactor, self.reload, self._stop_requested),
+        )
+        if self.adopt is None:
+            self.reactor.callWhenRunning(notify.ready)
         if self.config.reload_interval is not None:
             self._watch = LoopingCall(self._check_files)
             self._watch.clock = self.reactor
@@ -138,19 +151,12 @@ class ProxyService(MultiService):
             log.info("certificate files changed on disk, reloading")
             self.reload()
 
-    def _install_signals(self) -> None:
-        def on_sighup(signum: int, frame: object) -> None:
-            self.reactor.callFromThread(self.reload)
-
-        def on_sigterm(signum: int, frame: object) -> None:
-            # Unlike Twisted's own handler, this does not record the signal,
-            # so twistd exits 0 after a clean stop instead of re-raising it.
-            self.reactor.callFromThread(self._stop_requested)
-
-        signal.signal(signal.SIGHUP, on_sighup)
-        signal.signal(signal.SIGTERM, on_sigterm)
+    _stop_asked = False
 
     def _stop_requested(self) -> None:
+        if self._stop_asked:
+            return  # a second SIGTERM while draining changes nothing
+        self._stop_asked = True
         log.info("received SIGTERM, stopping")
         self.reactor.stop()
 
@@ -163,7 +169,8 @@ class ProxyService(MultiService):
         New handshakes use the new material; open connections keep theirs.
         Invalid material is logged and the old context stays in use.
         """
-        notify.reloading()
+        if self.adopt is None:
+            notify.reloading()
         try:
             config = refresh_passwords(self.config)
             material = tls.load_material(config)
@@ -171,14 +178,16 @@ class ProxyService(MultiService):
         except MtlsProxyError as e:
             log.error("reload failed, keeping the current certificates: {error}", error=str(e))
             self.metrics.reload(False)
-            notify.ready()
+            if self.adopt is None:
+                notify.ready()
             return False
         self.creator.swap(context)
         self.config = config
         self.metrics.reload(True)
         self._record(material)
         log.info("reloaded certificates, CA and CRLs")
-        notify.ready()
+        if self.adopt is None:
+            notify.ready()
         return True
 
     def _record(self, material: tls.Material) -> None:
@@ -196,7 +205,8 @@ class ProxyService(MultiService):
         C{--shutdown-timeout} seconds, then close what is left.  twistd waits
         for the returned Deferred before the reactor stops.
         """
-        notify.stopping()
+        if self.adopt is None:
+            notify.stopping()
         super().stopService()
         if self._watch is not None and self._watch.running:
             self._watch.stop()
@@ -218,6 +228,26 @@ class ProxyService(MultiService):
 
         d.addBoth(finish)
         return d
+
+
+def install_signals(reactor: Any, on_hup: Any, on_term: Any) -> None:
+    """
+    SIGHUP and SIGTERM handlers that run C{on_hup} / C{on_term} in the reactor.
+
+    Unlike Twisted's own SIGTERM handler, this one does not record the
+    signal, so twistd exits 0 after a clean stop instead of re-raising it.
+    """
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(on_hup))
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(on_term))
+
+
+def listen_failed(e: Exception) -> NoReturn:
+    """
+    End start-up with one line on the real standard error (twistd has
+    already pointed sys.stderr at its log) and exit status 1.
+    """
+    os.write(2, f"mtlsproxy: {e}\n".encode())
+    raise SystemExit(1) from None
 
 
 def _listen_now(
@@ -264,7 +294,7 @@ def _format_address(address: Any) -> str:
 
 
 def make_service(config: Config, reactor: Any) -> ProxyService:
-    """Build the proxy service; certificate problems raise before anything listens."""
+    """Build the proxy service (one process); certificate problems raise before anything listens."""
     material = tls.load_material(config)
     context: SSL.Context = tls.context_from_material(config, material)
     creator = tls.ReloadableServerCreator(context)

@@ -84,6 +84,7 @@ class Options(usage.Options):
         for name in REPEATABLE:
             self[name] = []
         self.config: Config | None = None
+        self.service: Any = None
 
     def opt_version(self) -> NoReturn:
         """Print the version and exit."""
@@ -110,7 +111,14 @@ class Options(usage.Options):
             # so that a bad file ends start-up instead of the first handshake.
             from .service import make_service
 
-            self.service = make_service(self.config, _reactor())
+            if self.config.workers > 1:
+                from .tls import context_from_config
+                from .workers import WorkersService
+
+                context_from_config(self.config)  # every file checked before any worker starts
+                self.service = WorkersService(self.config, _reactor(), given, config_file)
+            else:
+                self.service = make_service(self.config, _reactor())
         except MtlsProxyError as e:
             fail(str(e))
 
