@@ -96,7 +96,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 @needs_systemd_analyze
 def test_units_with_credentials_enabled_verify(tmp_path: Path) -> None:
-    """The commented LoadCredential= lines are valid once uncommented, as docs/systemd.md says."""
+    """The commented LoadCredential= lines are valid once uncommented, as the README says."""
     units = copy_for_verify(tmp_path, uncomment_credentials=True)
     text = (units / "mtlsproxy.service").read_text()
     assert "\nLoadCredential=keystore-password:/etc/mtlsproxy/keystore.pass" in text
@@ -191,7 +191,7 @@ def test_units_are_installable(name: str) -> None:
     assert parser.has_option("Install", "WantedBy")
 
 
-DOCS = UNITS.parent.parent / "docs" / "systemd.md"
+DOCS = UNITS.parent.parent / "README.md"
 
 
 def _doc_toml_snippets() -> list[str]:
@@ -202,7 +202,7 @@ def _doc_toml_snippets() -> list[str]:
 
 
 def test_docs_configuration_examples_are_valid(tmp_path: Path) -> None:
-    """Every TOML example in docs/systemd.md uses only keys the proxy knows."""
+    """Every TOML example in the README uses only keys the proxy knows."""
     from mtlsproxy.config import load_toml
 
     snippets = _doc_toml_snippets()
@@ -214,7 +214,7 @@ def test_docs_configuration_examples_are_valid(tmp_path: Path) -> None:
 
 
 def test_docs_exec_start_lines_are_valid() -> None:
-    """The ExecStart= drop-ins in docs/systemd.md parse as twistd and mtlsproxy options."""
+    """The ExecStart= drop-ins in the README parse as twistd and mtlsproxy options."""
     lines = re.findall(r"^ExecStart=(/\S+twistd .*)$", DOCS.read_text(), flags=re.MULTILINE)
     assert len(lines) >= 2
     for line in lines:
