@@ -120,6 +120,7 @@ class Config:
     workers: int = 1
     shutdown_timeout: float = 10.0
     reload_interval: float | None = None
+    max_connections: int = 4096
     keystore_password_file: Path | None = None
     truststore_password_file: Path | None = None
     verify_depth: int = 10
@@ -167,6 +168,7 @@ OPTIONS: dict[str, str] = {
     "workers": "count",
     "shutdown-timeout": "seconds",
     "reload-interval": "seconds",
+    "max-connections": "count",
     "verify-depth": "depth",
     "forward-cert": "str",
     "forward-headers": "strs",
@@ -411,6 +413,7 @@ def build_config(
         workers=merged.get("workers", 1),
         shutdown_timeout=merged.get("shutdown-timeout", 10.0),
         reload_interval=merged.get("reload-interval"),
+        max_connections=merged.get("max-connections", 4096),
         keystore_password_file=merged.get("keystore-password-file"),
         truststore_password_file=merged.get("truststore-password-file"),
         verify_depth=merged.get("verify-depth", 10),

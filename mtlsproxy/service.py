@@ -40,6 +40,7 @@ def settings_from_config(config: Config) -> ProxySettings:
         client_auth_required=config.client_auth == "required",
         policy=config.policy(),
         header_settings=config.header_settings(),
+        max_connections=config.max_connections,
     )
 
 
@@ -82,6 +83,7 @@ class ProxyService(MultiService):
     def privilegedStartService(self) -> None:
         try:
             self.port = self.listen()
+            self.factory.port = self.port
             if self.config.metrics is not None:
                 self.metrics_port = self._listen_metrics(self.config.metrics)
         except ListenError as e:

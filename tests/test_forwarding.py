@@ -48,6 +48,9 @@ class _Handle:
     def get_verified_chain(self, as_cryptography: bool = False) -> Any:
         return [self.get_peer_certificate(as_cryptography)]
 
+    def client_random(self) -> bytes | None:
+        return None  # as before a ClientHello
+
 
 class ClientTransport(StringTransport):
     """A client transport that also answers C{getHandle()} like the TLS one."""
@@ -472,3 +475,84 @@ def test_slow_headers_get_408(client_cert: Any) -> None:
     h.clock.advance(SETTINGS.idle_timeout + 1)
     assert h.client_received().startswith(b"HTTP/1.1 408 ")
     assert h.transport.disconnecting
+
+
+def test_more_than_max_headers_get_431(client_cert: Any) -> None:
+    """More than 100 header lines (HAProxy's limit too) get 431, even when small."""
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 100 + b"\r\n")
+    assert h.client_received().startswith(b"HTTP/1.1 431 ")
+    assert h.endpoint.connections == []
+
+
+def test_stalled_request_body_gets_408(client_cert: Any) -> None:
+    """
+    A client that stops sending its announced body for --idle-timeout seconds
+    (slow POST) gets 408 and the backend connection is dropped.
+    """
+    h = Harness(client_cert)
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nstart")
+    h.clock.advance(SETTINGS.idle_timeout - 1)
+    h.send(b"more")  # progress resets the clock
+    h.clock.advance(SETTINGS.idle_timeout - 1)
+    assert h.client_received() == b""
+    h.clock.advance(2)
+    assert h.client_received().startswith(b"HTTP/1.1 408 ")
+    assert h.backend.transport.disconnecting
+    assert h.transport.disconnecting
+
+
+def test_body_wait_caused_by_the_backend_is_not_a_stall(client_cert: Any) -> None:
+    """While the proxy itself stops reading (backend full), the client is not timed out."""
+    h = Harness(client_cert)
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nstart")
+    h.backend.transport.producer.pauseProducing()
+    h.clock.advance(SETTINGS.idle_timeout * 3)
+    assert h.client_received() == b""
+    assert not h.transport.disconnecting
+
+
+def test_client_that_stops_reading_is_dropped(client_cert: Any) -> None:
+    """
+    A client whose transport stays paused (it reads nothing) for
+    --idle-timeout seconds is aborted along with the backend connection.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nxx")
+    h.transport.producer.pauseProducing()
+    h.clock.advance(SETTINGS.idle_timeout - 1)
+    assert not h.transport.disconnecting
+    h.transport.producer.resumeProducing()
+    h.transport.producer.pauseProducing()
+    h.clock.advance(SETTINGS.idle_timeout - 1)
+    assert not h.transport.disconnecting
+    h.clock.advance(2)
+    assert h.transport.disconnecting
+    assert h.backend.transport.disconnecting
+
+
+def test_max_connections_pauses_accepting(client_cert: Any) -> None:
+    """At --max-connections open clients the listening port stops accepting; below, it resumes."""
+    settings = ProxySettings(
+        handshake_timeout=10, idle_timeout=60, backend_timeout=30, max_header_bytes=4096,
+        client_auth_required=True, max_connections=2,
+    )
+
+    class Port:
+        reading = True
+
+        def stopReading(self) -> None:
+            self.reading = False
+
+        def startReading(self) -> None:
+            self.reading = True
+
+    first = Harness(client_cert, settings)
+    factory = first.factory
+    factory.port = port = Port()
+    second = ClientConnection(factory)
+    second.makeConnection(ClientTransport(client_cert))
+    assert not port.reading
+    second.connectionLost(Failure(error.ConnectionDone()))
+    assert port.reading

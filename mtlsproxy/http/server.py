@@ -59,6 +59,10 @@ from .headers import (
 log = Logger("mtlsproxy")
 access_log = Logger("mtlsproxy.access")
 
+#: more header lines than this get 431, as HAProxy's tune.http.maxhdr (101) does:
+#: each costs memory and work on both hops, and no real client needs them
+MAX_HEADERS = 100
+
 _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
@@ -84,6 +88,8 @@ class ProxySettings:
     #: identities of verified clients by certificate, so that a resumed
     #: session (whose verified chain OpenSSL does not keep) gets the same headers
     identity_cache: IdentityCache = field(default_factory=IdentityCache, compare=False)
+    #: 0 for no limit
+    max_connections: int = 0
 
 
 class _HeadersTooLarge(Exception):
@@ -182,7 +188,7 @@ class ClientConnection(Protocol):
         host = getattr(peer, "host", None)
         self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else str(peer)
         self.peer_host = host or ""
-        self.factory.connections.add(self)
+        self.factory.connection_opened(self)
         self._set_timer(self.settings.handshake_timeout, self._handshake_timed_out)
 
     def handshakeCompleted(self) -> None:
@@ -208,8 +214,9 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
-        self.factory.connections.discard(self)
+        self.factory.connection_closed(self)
         self._cancel_timer()
+        self._cancel_stall()
         if not self.handshake_done:
             handle = None
             try:
@@ -273,6 +280,7 @@ class ClientConnection(Protocol):
     def pause(self, why: str) -> None:
         if not self._pauses:
             self.transport.pauseProducing()
+            self._cancel_stall()  # not the client's fault while we do not read
         self._pauses.add(why)
 
     def resume(self, why: str) -> None:
@@ -280,6 +288,32 @@ class ClientConnection(Protocol):
             self._pauses.discard(why)
             if not self._pauses and not self.closed:
                 self.transport.resumeProducing()
+                self._arm_stall()
+
+    # A request body that stops arriving (a slow-POST client) ties up a
+    # backend connection: while the proxy is reading and a body is still
+    # due, each --idle-timeout without a byte ends the exchange.
+
+    _stall: IDelayedCall | None = None
+
+    def _arm_stall(self) -> None:
+        request = self.current
+        if request is None or not request.body_pending or self._pauses or self.closed:
+            return
+        if self._stall is not None and self._stall.active():
+            self._stall.reset(self.settings.idle_timeout)
+        else:
+            self._stall = self.clock.callLater(self.settings.idle_timeout, self._body_stalled)
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _body_stalled(self) -> None:
+        self._stall = None
+        if self.exchange is not None and self.current is not None and self.current.body_pending:
+            self.exchange.client_body_stalled()
 
     def dataReceived(self, data: bytes) -> None:
         if self.broken is not None or self.closed:
@@ -340,7 +374,7 @@ class ClientConnection(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.settings.max_header_bytes:
+        if self._header_bytes > self.settings.max_header_bytes or len(self._headers) >= MAX_HEADERS:
             raise _HeadersTooLarge()
         self._headers.append((name, value))
 
@@ -388,6 +422,7 @@ class ClientConnection(Protocol):
         assert request is not None
         if request is self.current and self.exchange is not None and self.exchange.forwarding:
             self.exchange.client_body(body)
+            self._arm_stall()
         else:
             request.pending.append(body)
             self.pause("body-wait")
@@ -400,6 +435,8 @@ class ClientConnection(Protocol):
     def _body_complete(self, request: Request) -> None:
         request.body_done = True
         self.parsing = None
+        if request is self.current:
+            self._cancel_stall()
         if request is self.current and self.exchange is not None and self.exchange.forwarding:
             self.exchange.client_body_done()
 
@@ -471,23 +508,43 @@ class _PauseClient:
 
 @implementer(IPushProducer)
 class _PauseBackend:
-    """Registered with the client transport: a slow client pauses reading from the backend."""
+    """
+    Registered with the client transport: a slow client pauses reading from
+    the backend, and one that reads nothing for --idle-timeout is dropped.
+    """
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
+        self._stalled: IDelayedCall | None = None
 
     def pauseProducing(self) -> None:
-        backend = self.exchange.backend
+        exchange = self.exchange
+        backend = exchange.backend
         if backend is not None and backend.connected:
             backend.pause_reading()
+        if self._stalled is None:
+            client = exchange.client
+            self._stalled = client.clock.callLater(
+                client.settings.idle_timeout, self._timed_out
+            )
 
     def resumeProducing(self) -> None:
+        self._cancel()
         backend = self.exchange.backend
         if backend is not None and backend.connected:
             backend.resume_reading()
 
     def stopProducing(self) -> None:
-        pass
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._stalled is not None and self._stalled.active():
+            self._stalled.cancel()
+        self._stalled = None
+
+    def _timed_out(self) -> None:
+        self._stalled = None
+        self.exchange.client_stopped_reading()
 
 
 class Exchange:
@@ -648,6 +705,29 @@ class Exchange:
             self._respond_error(400, reason)
         else:
             self.client.transport.abortConnection()
+
+    def client_body_stalled(self) -> None:
+        """The client stopped sending its body for --idle-timeout seconds."""
+        reason = "request body stalled"
+        log.info("closing {peer}: {reason}", peer=self.client.peer, reason=reason)
+        self.client.broken = (0, reason)
+        self._drop_backend()
+        if not self.response_started:
+            self._respond_error(408, reason)
+        else:
+            self.finished = True
+            self._log(self.status)
+            self.client.transport.abortConnection()
+
+    def client_stopped_reading(self) -> None:
+        """The client read nothing of the response for --idle-timeout seconds."""
+        if self.finished:
+            return
+        log.info("aborting {peer}: client stopped reading the response", peer=self.client.peer)
+        self.finished = True
+        self._drop_backend()
+        self._log(self.status)
+        self.client.transport.abortConnection()
 
     def client_lost(self) -> None:
         if not self.finished:
@@ -826,6 +906,7 @@ class Exchange:
             self._backend_producer = None
             self.client.resume("backend-full")
         if self._client_producer is not None:
+            self._client_producer._cancel()
             if not self.client.closed:
                 self.client.transport.unregisterProducer()
             self._client_producer = None
@@ -883,6 +964,30 @@ class ProxyFactory(Factory):
         self.connections: set[ClientConnection] = set()
         #: set when stopping: every response ends its connection
         self.draining = False
+        #: the listening port, paused while --max-connections clients are connected
+        self.port: Any = None
+        self._accept_paused = False
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        limit = self.settings.max_connections
+        if limit and len(self.connections) >= limit and self.port is not None:
+            if not self._accept_paused:
+                # New clients wait in the kernel's accept queue, as with
+                # HAProxy's maxconn, instead of being accepted and starved.
+                log.warn(
+                    "{count} connections open (--max-connections): not accepting more for now",
+                    count=len(self.connections),
+                )
+                self.port.stopReading()
+                self._accept_paused = True
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self._accept_paused and len(self.connections) < self.settings.max_connections:
+            self._accept_paused = False
+            if self.port is not None and not self.draining:
+                self.port.startReading()
 
     def buildProtocol(self, addr: Any) -> ClientConnection:
         return ClientConnection(self)
