@@ -25,9 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -453,8 +452,11 @@ def backend_probe(
     """
     target = endpoint or backend_endpoint(reactor, backend, timeout)
 
+    factory = Factory.forProtocol(Protocol)
+    factory.noisy = False  # no "Starting factory" log line per /readyz
+
     def probe() -> Deferred[bool]:
-        d = connectProtocol(target, Protocol())
+        d: Deferred[Any] = target.connect(factory)
         d.addTimeout(timeout, reactor)
 
         def connected(protocol: Protocol) -> bool:

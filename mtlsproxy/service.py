@@ -76,6 +76,7 @@ class ProxyService(MultiService):
         self.metrics_port: IListeningPort | None = None
         self._watch: LoopingCall | None = None
         self._watched = watch.signature(watch.material_files(config))
+        self._material_digest = material.digest()
         self._record(material)
 
     # -- start -------------------------------------------------------------
@@ -176,6 +177,12 @@ class ProxyService(MultiService):
         try:
             config = refresh_passwords(self.config)
             material = tls.load_material(config)
+            if material.digest() == self._material_digest:
+                log.info("reload: certificates, key, CA and CRLs unchanged, nothing to do")
+                self.metrics.reload(True)
+                if self.adopt is None:
+                    notify.ready()
+                return True
             context = tls.context_from_material(config, material)
         except MtlsProxyError as e:
             log.error("reload failed, keeping the current certificates: {error}", error=str(e))
@@ -185,6 +192,7 @@ class ProxyService(MultiService):
             return False
         self.creator.swap(context)
         self.config = config
+        self._material_digest = material.digest()
         self.metrics.reload(True)
         self._record(material)
         log.info("reloaded certificates, CA and CRLs")

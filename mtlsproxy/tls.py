@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, X509StoreFlags
 from twisted.internet.error import ConnectionClosed
@@ -220,6 +220,22 @@ class Material:
     identity: certs.ServerIdentity
     cas: tuple[x509.Certificate, ...]
     crls: tuple[x509.CertificateRevocationList, ...]
+
+    def digest(self) -> bytes:
+        """
+        Equal for equal material: a reload that finds the same certificates,
+        key, CAs and CRLs keeps the running context, and with it the session
+        cache and ticket keys, so clients go on resuming their sessions.
+        """
+        h = hashlib.sha256()
+        for cert in (self.identity.cert, *self.identity.chain, *self.cas):
+            h.update(cert.public_bytes(Encoding.DER))
+        h.update(self.identity.key.public_key().public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+        ))
+        for crl in self.crls:
+            h.update(crl.public_bytes(Encoding.DER))
+        return h.digest()
 
 
 def load_material(config: Config) -> Material:
