@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from mtlsproxy.config import build_config
 from mtlsproxy.service import make_service
@@ -59,15 +59,12 @@ def test_service_reloads_when_a_file_changes(tmp_path: Path) -> None:
     file changed, and not before; an unchanged tree causes no reload.
     """
     files = _pki(tmp_path)
-    clock = Clock()
+    clock = MemoryReactorClock()
     config = build_config({"backend": "http://a:1", "reload-interval": "5", **files})
     service = make_service(config, clock)
-    service.reactor = clock
     reloads: list[bool] = []
     original = service.reload
     service.reload = lambda: reloads.append(original()) or True  # type: ignore[method-assign]
-    clock.callWhenRunning = lambda f, *a, **k: None  # type: ignore[attr-defined]
-    clock.addSystemEventTrigger = lambda *a, **k: None  # type: ignore[attr-defined]
     service.startService()
     before = service.creator.context
     clock.advance(5)
