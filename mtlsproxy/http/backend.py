@@ -12,6 +12,7 @@ backend reads slowly.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Backend
+from .transport import send_now
 
 log = Logger()
 
@@ -76,6 +78,8 @@ class BackendConnection(Protocol):
         self.reusable = False
         self.connected = False
         self.used = 0
+        #: called after each read from the backend (the client's uncork)
+        self.flush_client: Callable[[], None] | None = None
 
     # -- Protocol ----------------------------------------------------------
 
@@ -89,10 +93,13 @@ class BackendConnection(Protocol):
             self.reusable = False
             self.transport.loseConnection()
             return
+        flush = self.flush_client
         try:
             parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(f"invalid HTTP response from backend: {e}")
+        if flush is not None:
+            flush()  # what this read produced for the client goes out as one TLS write
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -114,7 +121,13 @@ class BackendConnection(Protocol):
 
     # -- driven by the client side ----------------------------------------
 
-    def start(self, exchange: BackendExchange, head: bytes, method: bytes) -> None:
+    def start(
+        self,
+        exchange: BackendExchange,
+        head: bytes,
+        method: bytes,
+        flush_client: Callable[[], None] | None = None,
+    ) -> None:
         """Begin an exchange: send the request head; the body follows through L{write}."""
         self._exchange = exchange
         self._parser = httptools.HttpResponseParser(self)
@@ -124,13 +137,14 @@ class BackendConnection(Protocol):
         self._complete = False
         self.reusable = False
         self.used += 1
-        self.transport.write(head)
+        self.flush_client = flush_client
+        send_now(self.transport, head)
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        send_now(self.transport, data)
 
     def write_sequence(self, data: list[bytes]) -> None:
-        self.transport.writeSequence(data)
+        send_now(self.transport, b"".join(data))
 
     def abandon(self) -> None:
         """The client side gave up on this exchange: the connection is in an unknown state."""

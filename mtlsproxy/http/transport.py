@@ -1,0 +1,134 @@
+"""
+Cheaper writes for the two hops: corked TLS records and sends without a reactor round trip.
+
+Per keep-alive request the proxy writes a response head and a body to the
+client, and a request head to the backend.  Twisted's default TLS transport
+aggregates small writes with a C{callLater(0)} per burst, and every TCP write
+is queued until the next reactor iteration, which costs two C{epoll_ctl}
+calls and a pass through the loop before the C{send}.  Measured on the
+keep-alive path, that glue cost more than the parsing and the TLS itself
+(see docs/performance.md).  Here:
+
+  - L{CorkedTLSProtocol} collects what is written while the proxy handles one
+    event and turns it into TLS records once, when that event is done
+    (L{uncork}), or at the end of the reactor iteration if nobody uncorks;
+  - L{send_now} hands bytes to the kernel at once when nothing is queued on
+    the TCP transport, and falls back to the ordinary queued write otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} on a TCP or UNIX transport, straight to the socket when
+    nothing is waiting in Twisted's buffer (so ordering is kept), else queued.
+
+    Relies on L{twisted.internet.abstract.FileDescriptor}'s buffer attributes;
+    any transport without them gets the ordinary C{write}.
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        transport.write(data)  # let Twisted see and report the error
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
+class _DirectWrites:
+    """Stands in for the TCP transport under TLS, sending records at once."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        # The TLS layer declares what its transport provides (ITCPTransport, ...).
+        directlyProvides(self, providedBy(transport))
+
+    def write(self, data: bytes) -> None:
+        send_now(self._transport, data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        send_now(self._transport, b"".join(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CorkedTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    A TLS transport whose writes wait for L{uncork} (or the end of the
+    reactor iteration) and are then encrypted and sent in one go.
+    """
+
+    def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
+        self._corked: list[bytes] = []
+        self._flush_call: Any = None
+        self._clock: IReactorTime = factory.clock
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(_DirectWrites(transport))
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._corked.append(data)
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.uncork)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        corked = self._corked
+        corked.extend(data)
+        if self._flush_call is None and corked:
+            self._flush_call = self._clock.callLater(0, self.uncork)
+
+    def uncork(self) -> None:
+        """Encrypt and send everything written since the last uncork."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if self._corked:
+            data = self._corked[0] if len(self._corked) == 1 else b"".join(self._corked)
+            self._corked = []
+            TLSMemoryBIOProtocol.write(self, data)
+
+    def loseConnection(self) -> None:
+        self.uncork()
+        super().loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._corked = []
+        super().connectionLost(reason)  # type: ignore[arg-type]
+
+
+class CorkedTLSFactory(TLSMemoryBIOFactory):
+    """L{TLSMemoryBIOFactory} building L{CorkedTLSProtocol}s."""
+
+    protocol = CorkedTLSProtocol  # type: ignore[assignment]
+
+    def __init__(self, creator: Any, wrappedFactory: Any, clock: IReactorTime) -> None:
+        super().__init__(creator, False, wrappedFactory, clock)
+        self.clock = clock
