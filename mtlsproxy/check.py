@@ -22,14 +22,14 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.python import usage
 
 from . import certs, tap, tls
-from .config import OPTIONS, REPEATABLE, Config, build_config
+from .config import Config, build_config
 from .errors import CertificateLoadError, ConfigError, MtlsProxyError
 from .tls import Material, load_material
 
@@ -175,16 +175,6 @@ class CheckOptions(tap.Options):
     def postOptions(self) -> None:
         # tap.Options builds the whole service here; the check only needs the values.
         pass
-
-    def given(self) -> dict[str, Any]:
-        """The options given on the command line, as L{build_config} takes them."""
-        given: dict[str, Any] = {}
-        for name in OPTIONS:
-            value = self.get(name)
-            if value is None or (name in REPEATABLE and not value):
-                continue
-            given[name] = value
-        return given
 
 
 class _Report:

@@ -99,13 +99,18 @@ class Options(usage.Options):
         except usage.UsageError as e:
             fail(f"{e} (see twistd mtlsproxy --help)", 2)
 
-    def postOptions(self) -> None:
+    def given(self) -> dict[str, Any]:
+        """The options given on the command line, as L{build_config} takes them."""
         given: dict[str, Any] = {}
         for name in OPTIONS:
             value = self.get(name)
             if value is None or (name in REPEATABLE and not value):
                 continue
             given[name] = value
+        return given
+
+    def postOptions(self) -> None:
+        given = self.given()
         config_file = Path(self["config"]) if self["config"] else None
         try:
             self.config = build_config(given, config_file)
