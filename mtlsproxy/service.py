@@ -18,7 +18,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from . import check, notify, shutdown, tls, watch
@@ -26,6 +25,7 @@ from .config import Config, refresh_passwords
 from .errors import ListenError, MtlsProxyError
 from .http.backend import BackendPool
 from .http.server import ProxyFactory, ProxySettings
+from .http.transport import CorkedTLSFactory
 from .metrics import Metrics, backend_probe, metrics_site
 
 log = Logger("mtlsproxy")
@@ -102,7 +102,7 @@ class ProxyService(MultiService):
 
     def listen(self) -> IListeningPort:
         """Open the TLS listener now, or raise L{ListenError}."""
-        wrapped = TLSMemoryBIOFactory(self.creator, False, self.factory)
+        wrapped = CorkedTLSFactory(self.creator, self.factory, self.reactor)
         if self.adopt is not None:
             fd, family = self.adopt
             port: IListeningPort = self.reactor.adoptStreamPort(fd, family, wrapped)
