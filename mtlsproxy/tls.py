@@ -44,6 +44,10 @@ TLS12_CIPHERS = b":".join(
 )
 
 DEFAULT_VERIFY_DEPTH = 10
+#: seconds a TLS session (id or ticket) may be resumed
+SESSION_LIFETIME = 300
+#: SSL_MODE_NO_AUTO_CHAIN from OpenSSL's ssl.h, which pyOpenSSL does not name
+_SSL_MODE_NO_AUTO_CHAIN = 0x8
 
 #: The only application protocol the proxy speaks.
 HTTP11 = b"http/1.1"
@@ -72,6 +76,11 @@ _VERIFY_REASONS: dict[int, str] = {
     _V.ERR_PATH_LENGTH_EXCEEDED: "invalid CA certificate",
     _V.ERR_INVALID_NON_CA: "invalid CA certificate",
     _V.ERR_KEYUSAGE_NO_CERTSIGN: "invalid CA certificate",
+    # X509_V_ERR_EE_KEY_TOO_SMALL, _CA_KEY_TOO_SMALL, _CA_MD_TOO_WEAK: refused
+    # by OpenSSL's security level (e.g. RSA-1024, SHA-1 signatures).
+    66: "certificate key too small",
+    67: "CA certificate key too small",
+    68: "CA certificate signature too weak",
 }
 
 #: OpenSSL error-queue reason text (lower case, substring) -> operator words.
@@ -209,6 +218,14 @@ def build_context(
 
     ctx.set_session_id(session_id_context(cas, crls, config.client_auth))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    # A resumed session skips certificate verification, so it must not
+    # outlive the certificate by long: 5 minutes, as nginx's default
+    # ssl_session_timeout (OpenSSL's own is 2 hours). The proxy also refuses
+    # a resumed session whose certificate has expired since.
+    ctx.set_timeout(SESSION_LIFETIME)
+    # Send exactly the chain configured: OpenSSL would otherwise complete
+    # the server's chain from the store of *client* CAs.
+    ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
     ctx.set_alpn_select_callback(_select_alpn)  # type: ignore[arg-type]
     return ctx
 

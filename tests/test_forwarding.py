@@ -51,12 +51,18 @@ class _Handle:
     def client_random(self) -> bytes | None:
         return None  # as before a ClientHello
 
+    def get_servername(self) -> bytes | None:
+        return None  # no SNI
+
 
 class ClientTransport(StringTransport):
     """A client transport that also answers C{getHandle()} like the TLS one."""
 
     def __init__(self, cert: Any) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 50123))
+        super().__init__(
+            hostAddress=IPv4Address("TCP", "10.0.0.1", 443),
+            peerAddress=IPv4Address("TCP", "192.0.2.7", 50123),
+        )
         self._handle = _Handle(cert)
 
     def getHandle(self) -> _Handle:
@@ -278,7 +284,7 @@ def test_http10_keep_alive_is_honoured(client_cert: Any) -> None:
     Connection: keep-alive and its connection stays open.
     """
     h = Harness(client_cert)
-    h.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.send(b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
     h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     out = h.client_received()
     assert b"Connection: keep-alive\r\n" in out
@@ -288,7 +294,7 @@ def test_http10_keep_alive_is_honoured(client_cert: Any) -> None:
 def test_http10_without_length_is_closed_after_the_body(client_cert: Any) -> None:
     """An HTTP/1.0 client cannot read chunked: the body ends with the connection."""
     h = Harness(client_cert)
-    h.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.send(b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
     h.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
     out = h.client_received()
     assert b"chunked" not in out and out.endswith(b"\r\n\r\nok")
@@ -556,3 +562,100 @@ def test_max_connections_pauses_accepting(client_cert: Any) -> None:
     assert not port.reading
     second.connectionLost(Failure(error.ConnectionDone()))
     assert port.reading
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: local host\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost/admin\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: user@localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost:http\r\n\r\n",
+        b"GET http://user@other.example/x HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"CONNECT localhost:22 HTTP/1.1\r\nHost: localhost:22\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\nContent-Length: 0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["host-space", "host-path", "host-userinfo", "host-port-name",
+         "absolute-form-userinfo", "connect", "upgrade-with-body", "underscore-cl",
+         "underscore-te"],
+)
+def test_requests_the_backend_could_read_differently_get_400(
+    client_cert: Any, request_bytes: bytes
+) -> None:
+    """
+    Requests whose routing or framing a backend might read otherwise than the
+    proxy (no or invalid Host or target authority, CONNECT, an
+    Upgrade with a body, framing fields spelled with '_') get 400, nothing forwarded.
+    """
+    h = Harness(client_cert)
+    h.send(request_bytes)
+    assert h.client_received().startswith(b"HTTP/1.1 400 ")
+    assert h.endpoint.connections == []
+
+
+def test_trailers_never_become_headers_of_a_pipelined_request(client_cert: Any) -> None:
+    """Trailer fields of a queued chunked request are not added to its forwarded head."""
+    h = Harness(client_cert)
+    h.send(
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /second HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nHost: evil\r\nX-Trailer: yes\r\n\r\n"
+    )
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    second = h.backend_received().split(b"POST /second", 1)[1]
+    assert b"evil" not in second and b"X-Trailer" not in second
+
+
+def test_client_content_length_is_replaced_by_a_canonical_one(client_cert: Any) -> None:
+    """Content-Length: 005 reaches the backend as exactly one Content-Length: 5."""
+    h = Harness(client_cert)
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 005\r\n\r\nhello")
+    head = h.backend_received().split(b"\r\n\r\n", 1)[0]
+    assert [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")] == [
+        b"Content-Length: 5"
+    ]
+
+
+def test_nothing_after_connection_close_is_forwarded(client_cert: Any) -> None:
+    """
+    Once the proxy has answered with Connection: close (here: the backend
+    answered before the body was complete), a request the client sends
+    afterwards on that connection never reaches the backend (RFC 9112 9.6).
+    """
+    h = Harness(client_cert)
+    h.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert b"Connection: close" in h.client_received()
+    h.send(b"lo" + b"POST /after HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert all(b"/after" not in c.transport.value() for c in h.endpoint.connections)
+
+
+def test_absolute_form_authority_becomes_the_host(client_cert: Any) -> None:
+    """
+    RFC 9112 3.2.2: for an absolute-form target the backend gets the target's
+    authority as its one Host (and X-Forwarded-Host), not the client's Host.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET http://other.example/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    lines = head_lines(h.backend_received())
+    assert [line for line in lines if line.lower().startswith(b"host:")] == [
+        b"Host: other.example"
+    ]
+    assert b"X-Forwarded-Host: other.example" in lines
+
+
+def test_http10_without_host_gets_one_generated(client_cert: Any) -> None:
+    """
+    An HTTP/1.0 request without Host (as openssl s_time -www sends) goes on as
+    HTTP/1.1 with the address the client reached as its Host, and no
+    X-Forwarded-Host (the client sent none).
+    """
+    h = Harness(client_cert)
+    h.send(b"GET / HTTP/1.0\r\n\r\n")
+    lines = head_lines(h.backend_received())
+    hosts = [line for line in lines if line.lower().startswith(b"host:")]
+    assert hosts == [b"Host: 10.0.0.1:443"]
+    assert not [line for line in lines if line.lower().startswith(b"x-forwarded-host")]

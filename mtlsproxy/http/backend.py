@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Backend
-from .transport import send_now
+from .transport import no_delay, send_now
 
 log = Logger()
 
@@ -85,6 +85,7 @@ class BackendConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser

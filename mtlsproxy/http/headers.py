@@ -59,8 +59,17 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(tokens)
 
 
+#: Never removable through the Connection header: the request's own routing
+#: and framing, which the proxy checked and re-frames itself.
+_NOT_NAMEABLE = frozenset({b"host", b"content-length"})
+
+
 def _is_hop_by_hop(lower: bytes, named: frozenset[bytes]) -> bool:
-    return lower in _HOP_BY_HOP or lower.startswith(b"proxy-") or lower in named
+    return (
+        lower in _HOP_BY_HOP
+        or lower.startswith(b"proxy-")
+        or (lower in named and lower not in _NOT_NAMEABLE)
+    )
 
 
 def request_headers_for_backend(
@@ -69,12 +78,18 @@ def request_headers_for_backend(
     """
     The client's end-to-end headers, minus everything reserved for the proxy.
 
-    C{Expect} is dropped too: the proxy answers C{100-continue} itself.
+    C{Expect} is dropped too: the proxy answers C{100-continue} itself; and
+    C{Content-Length}, which the proxy writes itself in canonical form (one
+    field, no leading zeros) so the backend reads exactly the length checked.
     """
     kept: Headers = []
     for name, value in headers:
         lower = name.lower()
-        if _is_hop_by_hop(lower, connection) or lower == b"expect" or is_reserved(name):
+        if (
+            _is_hop_by_hop(lower, connection)
+            or lower in (b"expect", b"content-length")
+            or is_reserved(name)
+        ):
             continue
         kept.append((name, value))
     return kept

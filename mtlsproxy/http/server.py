@@ -16,10 +16,12 @@ what one read delivers.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httptools
@@ -52,6 +54,7 @@ from ..policy import Policy, parse_target
 from .backend import BackendConnection, BackendPool, Headers, connect_error_reason
 from .headers import (
     connection_tokens,
+    normalise,
     request_headers_for_backend,
     response_headers_for_client,
 )
@@ -100,6 +103,20 @@ class _BadRequest(Exception):
     pass
 
 
+class _Closing(Exception):
+    """Raised to stop parsing once the connection is to close."""
+
+
+#: RFC 9110 4.2 / 3986 3.2.2: a Host value is a reg-name, IPv4 or [IP-literal],
+#: with an optional numeric port; anything else gets 400 rather than reaching
+#: the backend and X-Forwarded-Host.
+_HOST = re.compile(
+    rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*|\[[0-9A-Fa-f:.vV]+\](?::[0-9]{1,5})?"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+:[0-9]{1,5}"
+)
+_ABSOLUTE_FORM = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
+
+
 class Request:
     """One request from the client, from its head to the last body byte."""
 
@@ -116,6 +133,7 @@ class Request:
         "pending",
         "started",
         "backend_version",
+        "host_generated",
     )
 
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers) -> None:
@@ -130,6 +148,8 @@ class Request:
         self.body_done = False
         self.pending: list[bytes] = []
         self.started = 0.0
+        #: the proxy added Host (an HTTP/1.0 request without one)
+        self.host_generated = False
 
     @property
     def body_pending(self) -> bool:
@@ -173,6 +193,8 @@ class ClientConnection(Protocol):
         self.parsing: Request | None = None
         self.exchange: Exchange | None = None
         self.broken: tuple[int, str] | None = None
+        #: the proxy has sent (or is sending) a response that ends the connection
+        self.closing = False
         self._timer: IDelayedCall | None = None
         self._pauses: set[str] = set()
         self._url = b""
@@ -204,6 +226,17 @@ class ClientConnection(Protocol):
         if self.identity is None and self.settings.client_auth_required:
             self._refuse("certificate required")  # pragma: no cover - OpenSSL refuses first
             return
+        if self.identity is not None:
+            # A resumed session is not verified again: its certificate may
+            # have expired since the full handshake.
+            now = datetime.now(UTC)
+            not_after, not_before = self.identity.not_after, self.identity.not_before
+            if not_after is not None and now > not_after:
+                self._refuse("certificate expired (resumed session)")
+                return
+            if not_before is not None and now < not_before:  # pragma: no cover - clock jumped back
+                self._refuse("certificate not yet valid (resumed session)")
+                return
         if self.identity is not None:
             self.identity_headers = identity_headers(self.identity, self.settings.header_settings)
             for problem in self.identity.problems:
@@ -278,7 +311,7 @@ class ClientConnection(Protocol):
     # -- reading from the client ------------------------------------------
 
     def pause(self, why: str) -> None:
-        if not self._pauses:
+        if not self._pauses and not self.transport.disconnecting:
             self.transport.pauseProducing()
             self._cancel_stall()  # not the client's fault while we do not read
         self._pauses.add(why)
@@ -286,7 +319,7 @@ class ClientConnection(Protocol):
     def resume(self, why: str) -> None:
         if why in self._pauses:
             self._pauses.discard(why)
-            if not self._pauses and not self.closed:
+            if not self._pauses and not self.closed and not self.transport.disconnecting:
                 self.transport.resumeProducing()
                 self._arm_stall()
 
@@ -316,8 +349,8 @@ class ClientConnection(Protocol):
             self.exchange.client_body_stalled()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.broken is not None or self.closed:
-            return
+        if self.broken is not None or self.closed or (self.closing and self.current is None):
+            return  # the connection is ending: nothing more is read as HTTP
         try:
             self._feed(data)
         finally:
@@ -339,7 +372,9 @@ class ClientConnection(Protocol):
             self.pause("upgrade")
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
-            if isinstance(cause, _HeadersTooLarge):
+            if isinstance(cause, _Closing):
+                self.pause("closing")
+            elif isinstance(cause, _HeadersTooLarge):
                 self._break(431, "request headers too large")
             elif isinstance(cause, _BadRequest):
                 self._break(400, str(cause))
@@ -356,7 +391,8 @@ class ClientConnection(Protocol):
         queued = self.parsing
         if queued is not None and queued is not self.current:
             # A queued request whose body went wrong is never forwarded.
-            self.queue.remove(queued)
+            if queued in self.queue:
+                self.queue.remove(queued)
             self.parsing = None
         if self.parsing is not None and self.parsing is self.current and self.exchange:
             # The request being forwarded has a body that went wrong mid-way.
@@ -369,6 +405,10 @@ class ClientConnection(Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.closing:
+            # The proxy has answered "Connection: close": nothing the client
+            # sends after that is a request (RFC 9112 9.6).
+            raise _Closing()
         self._in_message = True
         self._url = b""
         self._headers = []
@@ -392,12 +432,16 @@ class ClientConnection(Protocol):
         if version not in (b"1.1", b"1.0"):
             raise _BadRequest(f"unsupported HTTP version {version.decode()}")
         request = Request(parser.get_method(), self._url, version, self._headers)
+        # Trailer fields of a chunked body arrive through on_header too: they
+        # must never join the head already taken (RFC 9110 6.5.2).
+        self._headers = []
         tokens = connection_tokens(request.headers)
         if version == b"1.1":
             request.keep_alive = b"close" not in tokens
         else:
             request.keep_alive = b"keep-alive" in tokens
-        has_host = False
+        host: bytes | None = None
+        upgrade = False
         for name, value in request.headers:
             lower = name.lower()
             if lower == b"content-length":
@@ -405,18 +449,50 @@ class ClientConnection(Protocol):
             elif lower == b"transfer-encoding":
                 if version == b"1.0":
                     raise _BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-                if request.chunked or value.strip().lower() != b"chunked":
-                    # Only a single "chunked" frames a request unambiguously.
+                if request.chunked or value.rstrip(b" ").lower() != b"chunked":
+                    # Only a single "chunked" frames a request unambiguously
+                    # (and exactly what llhttp accepts as chunked).
                     raise _BadRequest("Transfer-Encoding other than chunked")
                 request.chunked = True
             elif lower == b"host":
-                if has_host:
+                if host is not None:
                     raise _BadRequest("more than one Host header")
-                has_host = True
+                host = value
             elif lower == b"expect" and value.strip().lower() == b"100-continue":
                 request.expect_continue = version == b"1.1"
-        if version == b"1.1" and not has_host:
-            raise _BadRequest("HTTP/1.1 request without Host")
+            elif lower == b"upgrade":
+                upgrade = True
+            elif normalise(name) in (b"content-length", b"transfer-encoding"):
+                # Content_Length / Transfer_Encoding: a backend reading "_" as
+                # "-" would frame the body differently from the proxy.
+                raise _BadRequest(f"framing header spelled {name.decode('latin-1')!r}")
+        if host is None:
+            if version == b"1.1":
+                raise _BadRequest("HTTP/1.1 request without Host")
+            # HTTP/1.0 may omit Host (openssl s_time -www does), but the
+            # request goes on as HTTP/1.1, which needs one: the name the
+            # client asked for in the handshake, else the address it reached.
+            host = self.default_host()
+            request.headers.append((b"Host", host))
+            request.host_generated = True
+        if not _HOST.fullmatch(host):
+            raise _BadRequest("invalid Host")
+        absolute = _ABSOLUTE_FORM.match(request.target)
+        if absolute is not None:
+            # RFC 9112 3.2.2: the target's authority takes the place of Host,
+            # so a backend reading Host sees the same authority as one reading
+            # the target.
+            authority = absolute.group(1)
+            if not authority or not _HOST.fullmatch(authority):
+                raise _BadRequest("invalid authority in the request target")
+            request.headers = [(n, v) for n, v in request.headers if n.lower() != b"host"]
+            request.headers.append((b"Host", authority))
+        if request.method == b"CONNECT":
+            raise _BadRequest("CONNECT is not supported")
+        if upgrade and (request.chunked or request.content_length):
+            # llhttp ends an Upgrade request at its head: a declared body would
+            # reach the backend as the start of the next request.
+            raise _BadRequest("Upgrade request with a body")
         self._in_message = False
         self.parsing = request
         self.queue.append(request)
@@ -424,6 +500,18 @@ class ClientConnection(Protocol):
             self._start_next()
         else:
             self.pause("pipeline")
+
+    def default_host(self) -> bytes:
+        """SNI server name, else the local address, as a Host value."""
+        handle = self.transport.getHandle()
+        name = handle.get_servername() if hasattr(handle, "get_servername") else None
+        if name:
+            return bytes(name)
+        local = self.transport.getHost()
+        address = getattr(local, "host", "localhost")
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{address}:{getattr(local, 'port', 443)}".encode("ascii")
 
     def on_body(self, body: bytes) -> None:
         request = self.parsing
@@ -485,6 +573,7 @@ class ClientConnection(Protocol):
 
     def _send_error(self, status: int, reason: str) -> None:
         """An answer of the proxy's own, after which the connection closes."""
+        self.closing = True
         if self.factory.metrics is not None:
             self.factory.metrics.request(status, 0.0)
         body = f"{status} {_REASONS[status].decode()}: {reason}\n".encode()
@@ -574,6 +663,7 @@ class Exchange:
         self.keep_alive = request.keep_alive
         self.chunked_out = False
         self.retried = False
+        self.body_forwarded = 0
         self._timeout: IDelayedCall | None = None
         self._client_producer: _PauseBackend | None = None
         self._backend_producer: _PauseClient | None = None
@@ -618,11 +708,6 @@ class Exchange:
                 return False
             path = target.path
             self.request.target = target.forward
-            if target.authority is not None:
-                # RFC 9112 3.2.2: an absolute-form target's authority is the Host.
-                self.request.headers = [
-                    (n, v) for n, v in self.request.headers if n.lower() != b"host"
-                ] + [(b"Host", target.authority)]
         if not policy.restricts:
             return True
         decision = policy.decide(self.client.identity, path)
@@ -663,7 +748,7 @@ class Exchange:
             parts += [name, b": ", value, b"\r\n"]
         parts += [b"X-Forwarded-For: ", client.peer_host.encode("ascii"), b"\r\n"]
         parts.append(b"X-Forwarded-Proto: https\r\n")
-        if host:
+        if host and not request.host_generated:
             parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
         if request.content_length is not None:
             parts.append(b"Content-Length: %d\r\n" % request.content_length)
@@ -693,6 +778,7 @@ class Exchange:
     def client_body(self, data: bytes) -> None:
         backend = self.backend
         assert backend is not None
+        self.body_forwarded += len(data)
         if self.request.chunked:
             backend.write_sequence([b"%X\r\n" % len(data), data, b"\r\n"])
         else:
@@ -806,6 +892,7 @@ class Exchange:
             self.keep_alive = False
         if not self.keep_alive:
             parts.append(b"Connection: close\r\n")
+            self.client.closing = True
         elif request.version == b"1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
@@ -826,7 +913,12 @@ class Exchange:
         backend = self.backend
         self._detach()
         if backend is not None:
-            if self.request.body_pending:
+            length = self.request.content_length
+            if self.request.body_pending or (
+                length is not None and self.body_forwarded != length
+            ):
+                # The backend did not get exactly the body it was promised:
+                # whatever it reads next on this connection would be off.
                 backend.reusable = False
             self.pool.release(backend)
         self._finish(self.status, self.keep_alive)
@@ -892,6 +984,7 @@ class Exchange:
         )
         if not keep_alive:
             head += b"Connection: close\r\n"
+            self.client.closing = True
         elif self.request.version == b"1.0":
             head += b"Connection: keep-alive\r\n"
         self.bytes_sent = len(body)
