@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what bench/run.py needs besides the virtualenv: nginx, HAProxy, ab (apache2-utils),
+# openssl, taskset (util-linux) and curl. Debian/Ubuntu, as root or through sudo.
+#
+#   bash bench/setup.sh
+#
+# bench/run.py starts its own nginx and HAProxy instances on free loopback ports, with
+# configuration files of its own; the system services the packages may start are not used
+# (stop them with `systemctl disable --now nginx haproxy` if you do not want them).
+set -euo pipefail
+pkgs=(nginx haproxy apache2-utils openssl util-linux curl)
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "bench/setup.sh: already installed: ${pkgs[*]}"
+else
+  "${sudo[@]}" apt-get update
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${missing[@]}"
+fi
+echo "next: .venv/bin/python bench/run.py [--rounds 3] [--quick]"
