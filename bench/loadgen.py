@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
 import socket
 import ssl
@@ -120,7 +121,7 @@ def hold(args: argparse.Namespace, host: str, port: int, ctx: ssl.SSLContext | N
     sel.register(sys.stdin, selectors.EVENT_READ)
     while time.monotonic() < deadline:
         if sel.select(max(0.0, deadline - time.monotonic())):
-            if not sys.stdin.buffer.read1(1024):
+            if not os.read(sys.stdin.fileno(), 1024):
                 break
     for sock in socks:
         sock.close()

@@ -33,7 +33,7 @@ class IdentityProxy(proxy.ReverseProxyResource):
                              self.reactor)
 
     def render(self, request: server.Request) -> object:
-        cert = request.channel.transport.getPeerCertificate()
+        cert = request.channel.transport.getPeerCertificate()  # type: ignore[union-attr]
         cn = cert.get_subject().commonName if cert is not None else None
         for name in list(request.requestHeaders.getAllRawHeaders()):
             if name[0].lower().startswith(b"x-client-cert"):
@@ -52,14 +52,14 @@ def main() -> None:
     parser.add_argument("--key", required=True)
     parser.add_argument("--ca", required=True)
     args = parser.parse_args()
-    with open(args.cert) as c, open(args.key) as k, open(args.ca) as a:
+    with open(args.cert, "rb") as c, open(args.key, "rb") as k, open(args.ca, "rb") as a:
         identity = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
         ca = ssl.Certificate.loadPEM(a.read())
     options = identity.options(ca)  # verify=True, requireCertificate=True, caCerts=[ca]
     log.startLogging(sys.stdout)
     site = server.Site(IdentityProxy("127.0.0.1", args.backend_port, b""))
-    reactor.listenSSL(args.port, site, options, interface="127.0.0.1")
-    reactor.run()
+    reactor.listenSSL(args.port, site, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -22,10 +22,17 @@ What it does, all on 127.0.0.1, in a temporary directory removed at the end:
   median and min-max per figure, the proxy's CPU use during each run (utime+stime of its
   process tree per wall second, /proc/PID/stat), each figure per proxy CPU-second, and each
   figure as a ratio to nginx in the same round;
+- then `--workers 2` against one worker (and nginx with 2 workers), everything on both CPUs;
+- records, for every measurement, the CPU that processes it did not start used meanwhile
+  (a shared machine), waits for them (--wait-quiet, and a few seconds per measurement) and
+  runs a disturbed measurement once more;
 - writes the report to --output (docs/performance.md unless --quick) and prints it.
 
-mtlsproxy runs from a copy of mtlsproxy/ taken at start, so edits made to the tree during the
-run do not mix two versions of the code into one report.
+mtlsproxy runs from a copy of mtlsproxy/ taken at start (or from `git archive REF` with
+--ref), so edits made to the tree during the run do not mix two versions into one report.
+`--serve` only starts the backend and the proxies as the benchmark does, for poking at them.
+Everything it starts is stopped at the end, also on Ctrl-C, SIGTERM or an error; every load
+run is bounded in time and in count.
 """
 
 from __future__ import annotations
@@ -497,6 +504,10 @@ class Lab:
         self.snapshot, self.code = snapshot_mtlsproxy(work, ref)
         self.backend_port = free_port()
         self.backend = self._start_backend(self.backend_port, LOAD_CPU, "backend")
+        self.backend_both_port = 0  # the backend of the workers comparison
+        self.tls_desc: dict[str, str] = {}  # proxy -> negotiated protocol and cipher
+        self.busy_starts: list[tuple[str, float, list[str]]] = []
+        self.waited = 0.0  # seconds spent waiting for other processes (--wait-quiet)
         self.upload_file = work / "upload.bin"
         with open(self.upload_file, "wb") as f:  # sparse: reads as zeros, costs no disk
             f.truncate(settings.transfer)
@@ -579,7 +590,8 @@ class Lab:
                     while chunk := s.recv(65536):
                         data += chunk
                     if data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok\n"):
-                        inst.tls_desc = f"{s.version()} {s.cipher()[0]}"
+                        cipher = s.cipher()
+                        inst.tls_desc = f"{s.version()} {cipher[0] if cipher else '?'}"
                         return
                     last = BenchError(f"unexpected answer {data[:200]!r}")
             except OSError as e:
@@ -973,6 +985,8 @@ class Runner:
                               problem="" if m else f"openssl speed {alg}: no figure")
         p = run_tool(["taskset", "-c", PROXY_CPU, sys.executable, "-c", SIGN_SPEED, secs,
                       str(self.ec.key), str(self.lab.rsa.key)], 120)
+        ec_rate: float | None
+        rsa_rate: float | None
         try:
             ec_rate, rsa_rate = (float(x) for x in p.stdout.split())
         except ValueError:
@@ -1428,35 +1442,36 @@ STATUS_RES = [
 
 def glance(data: Data, who: str = "mtlsproxy") -> list[str]:
     """The few sentences a reader wants first, computed, for `who` against nginx."""
-    rows = []
+    rows: list[tuple[float, Figure, float, float | None, float | None]] = []
     for f in FIGURES:
         if who not in f.who:
             continue
         raw = ratios(data, who, f.key, "nginx")
         if not raw:
             continue
-        cpu = ratios(data, who, f.key, "nginx", True) if f.per_cpu else []
-        cores = [r.cores for rd in data.values() if (r := rd.get(who, {}).get(f.key))
-                 and r.cores is not None]
+        per_cpu = ratios(data, who, f.key, "nginx", True) if f.per_cpu else []
+        used = [r.cores for rd in data.values() if (r := rd.get(who, {}).get(f.key))
+                and r.cores is not None]
         good = statistics.median(raw) if f.higher_is_better else 1 / statistics.median(raw)
         rows.append((good, f, statistics.median(raw),
-                     statistics.median(cpu) if cpu else None,
-                     statistics.median(cores) if cores else None))
+                     statistics.median(per_cpu) if per_cpu else None,
+                     statistics.median(used) if used else None))
     if not rows:
         return ["(no data)"]
     out = []
     worst = sorted(rows, key=lambda r: r[0])
-    _, f, raw, cpu, cores = worst[0]
-    out.append(f"- Furthest from nginx: {f.label.strip()}, {raw:.2f}x nginx's figure"
+    _, f, worst_raw, cpu, cores = worst[0]
+    out.append(f"- Furthest from nginx: {f.label.strip()}, {worst_raw:.2f}x nginx's figure"
                + (f" ({cpu:.2f}x per CPU-second, {who} using {cores:.2f} cores)"
                   if cpu is not None and cores is not None else "") + ".")
     per = [r for r in rows if r[3] is not None]
     if per:
-        _, f, raw, cpu, cores = min(per, key=lambda r: r[3])
-        out.append(f"- Furthest per CPU-second: {f.label.strip()}, {cpu:.2f}x nginx's work "
-                   f"per CPU-second (raw {raw:.2f}x).")
-        _, f, raw, cpu, cores = max(per, key=lambda r: r[3])
-        out.append(f"- Closest per CPU-second: {f.label.strip()}, {cpu:.2f}x (raw {raw:.2f}x).")
+        _, f, low_raw, low_cpu, _ = min(per, key=lambda r: r[3] or 0.0)
+        out.append(f"- Furthest per CPU-second: {f.label.strip()}, {low_cpu or 0:.2f}x nginx's "
+                   f"work per CPU-second (raw {low_raw:.2f}x).")
+        _, f, high_raw, high_cpu, _ = max(per, key=lambda r: r[3] or 0.0)
+        out.append(f"- Closest per CPU-second: {f.label.strip()}, {high_cpu or 0:.2f}x "
+                   f"(raw {high_raw:.2f}x).")
     stalls = [r for r in per if r[2] < 0.7 and r[4] is not None and r[4] < 0.6]
     if stalls:
         out.append("- Slower than nginx while its CPU sat mostly idle (waiting, not working: "
@@ -1557,7 +1572,7 @@ def serve(lab: Lab, log: Callable[[str], None]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds [3]")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test the harness: 1 round, short runs, 64 MiB transfers")
     parser.add_argument("--duration", type=float, help="seconds per load run [4, quick 1]")
