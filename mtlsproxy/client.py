@@ -357,38 +357,13 @@ def make_agent(
     return Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
 
 
-def make_treq_client(
-    reactor: Any,
-    hostname: str | None = None,
-    *,
-    cert: Path | None = None,
-    key: Path | None = None,
-    keystore: Path | None = None,
-    keystore_password: bytes | None = None,
-    ca: Path | None = None,
-    truststore: Path | None = None,
-    truststore_password: bytes | None = None,
-    pool: HTTPConnectionPool | None = None,
-    connect_timeout: float | None = None,
-) -> HTTPClient:
+def make_treq_client(reactor: Any, hostname: str | None = None, **options: Any) -> HTTPClient:
     """
-    A L{treq.client.HTTPClient} over L{make_agent}, for C{requests}-like code.
+    A L{treq.client.HTTPClient} over L{make_agent}, for C{requests}-like code;
+    C{options} are L{make_agent}'s keyword arguments, passed on unchanged.
 
     treq is optional (the C{test} extra); it is imported only here.
     """
     from treq.client import HTTPClient
 
-    agent = make_agent(
-        reactor,
-        hostname,
-        cert=cert,
-        key=key,
-        keystore=keystore,
-        keystore_password=keystore_password,
-        ca=ca,
-        truststore=truststore,
-        truststore_password=truststore_password,
-        pool=pool,
-        connect_timeout=connect_timeout,
-    )
-    return HTTPClient(agent)
+    return HTTPClient(make_agent(reactor, hostname, **options))
