@@ -82,6 +82,10 @@ class ProxyService(MultiService):
     # -- start -------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
+        # Before the socket opens and "listening on" is logged: a SIGTERM sent
+        # the moment a supervisor sees that line must mean a clean stop, not
+        # the default disposition (killed, exit -15).
+        install_signals(self.reactor, self.reload, self._stop_requested)
         try:
             self.port = self.listen()
             self.factory.port = self.port
@@ -91,8 +95,6 @@ class ProxyService(MultiService):
             if self.port is not None:
                 self.port.stopListening()
             listen_failed(e)
-        # From the moment the socket is open, SIGTERM means a clean stop.
-        install_signals(self.reactor, self.reload, self._stop_requested)
         super().privilegedStartService()
 
     #: (fd, address family) of an inherited listening socket to accept on

@@ -97,6 +97,8 @@ class WorkersService(MultiService):
     def privilegedStartService(self) -> None:
         from .service import _listen_now, install_signals, listen_failed
 
+        # Before "listening on" is logged: see ProxyService.privilegedStartService.
+        install_signals(self.reactor, self._forward_hup, self._stop_requested)
         try:
             # The factory is never used: the master does not accept.
             unused = Factory()
@@ -119,7 +121,6 @@ class WorkersService(MultiService):
             workers=self.config.workers,
             backend=self.config.backend.url,
         )
-        install_signals(self.reactor, self._forward_hup, self._stop_requested)
         super().privilegedStartService()
 
     def startService(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import zipfile
@@ -129,3 +130,33 @@ def test_systemd_listen_without_activation_is_a_listen_error(pki: dict[str, str]
     )
     with pytest.raises(ListenError, match="no inherited socket"):
         make_service(config, MemoryReactor()).listen()
+
+
+def test_sigterm_is_handled_before_the_listening_line(pki: dict[str, str]) -> None:
+    """
+    A supervisor may send SIGTERM the instant it reads "listening on": the
+    handler must already be ours then, or the default disposition kills the
+    daemon with -15 instead of a clean stop (a CI flake seen once).
+    """
+    config = build_config(
+        {"listen": "tcp:0:interface=127.0.0.1", "backend": "http://127.0.0.1:9",
+         "cert": pki["cert"], "key": pki["key"], "ca": pki["ca"]}
+    )
+    reactor = MemoryReactor()
+    service = make_service(config, reactor)
+    seen: list[object] = []
+    real_listen = service.listen
+
+    def listen() -> object:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_listen()
+
+    service.listen = listen  # type: ignore[method-assign]
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        service.privilegedStartService()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert len(seen) == 1
+    assert seen[0] not in (signal.SIG_DFL, saved[signal.SIGTERM])
