@@ -659,3 +659,55 @@ def test_http10_without_host_gets_one_generated(client_cert: Any) -> None:
     hosts = [line for line in lines if line.lower().startswith(b"host:")]
     assert hosts == [b"Host: 10.0.0.1:443"]
     assert not [line for line in lines if line.lower().startswith(b"x-forwarded-host")]
+
+
+OTHER_PROTOCOL_LINES = [
+    b"GET / RTSP/1.0\r\nHost: a\r\n\r\n",
+    b"DESCRIBE /cam RTSP/1.0\r\nHost: a\r\nCSeq: 1\r\n\r\n",
+    b"SOURCE /stream ICE/1.0\r\nHost: a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", OTHER_PROTOCOL_LINES, ids=["rtsp", "rtsp-method", "ice"])
+@pytest.mark.parametrize("split", ["whole", "bytewise", "pipelined"])
+def test_rtsp_and_ice_request_lines_get_400(
+    client_cert: Any, request_bytes: bytes, split: str
+) -> None:
+    """
+    llhttp accepts RTSP and Icecast request lines and reports only "1.0":
+    they are refused however the bytes arrive, one read, a byte per read, or
+    behind a well-formed request in the same read.
+    """
+    h = Harness(client_cert)
+    if split == "whole":
+        h.send(request_bytes)
+    elif split == "bytewise":
+        for i in range(len(request_bytes)):
+            h.send(request_bytes[i : i + 1])
+    else:
+        h.send(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n" + request_bytes)
+        assert h.client.broken is not None and h.client.broken[0] == 400
+        h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    # Behind a request in flight, that request's answer ends the connection
+    # (Connection: close) instead of a 400 nobody asked for yet.
+    expected = b"HTTP/1.1 200 " if split == "pipelined" else b"HTTP/1.1 400 "
+    assert h.client_received().startswith(expected)
+    assert h.transport.disconnecting
+    forwarded = b"".join(c.transport.value() for c in h.endpoint.connections)
+    assert b"/cam" not in forwarded and b"/stream" not in forwarded
+    assert forwarded.count(b"GET ") == (1 if split == "pipelined" else 0)
+
+
+def test_protocol_names_in_bodies_and_headers_are_not_mistaken_for_request_lines(
+    client_cert: Any,
+) -> None:
+    """Only the request line's own protocol is refused: "RTSP/1.0" elsewhere passes."""
+    body = b"DESCRIBE /cam RTSP/1.0\r\n"
+    h = Harness(client_cert)
+    h.send(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nUser-Agent: probe RTSP/1.0 ICE/1.0\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    received = h.backend_received()
+    assert received.startswith(b"POST /upload HTTP/1.1\r\n")
+    assert received.endswith(body)

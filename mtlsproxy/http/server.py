@@ -157,6 +157,31 @@ class Request:
         return not self.body_done and (self.chunked or bool(self.content_length))
 
 
+def _other_protocol(chunks: list[bytes], method: bytes, url: bytes) -> str | None:
+    """
+    "RTSP" or "ICE" when the request line just parsed named that protocol, else None.
+
+    llhttp accepts C{GET / RTSP/1.0} and C{SOURCE / ICE/1.0} and reports only
+    the version, and httptools exposes no offsets, so the raw chunks the head
+    arrived in are searched for the exact request line llhttp must have seen
+    (strict llhttp allows single spaces only).  The common case costs two
+    substring scans of one chunk; a match elsewhere in those chunks with the
+    same method and target (a body spelling out the request line) is the only
+    way to be refused wrongly.
+    """
+    if len(chunks) == 1:
+        raw = chunks[0]
+        if b"RTSP/" not in raw and b"ICE/" not in raw:
+            return None
+    else:
+        raw = b"".join(chunks)  # the token may straddle two chunks
+    line = method + b" " + url + b" "
+    for name in ("RTSP", "ICE"):
+        if line + name.encode() + b"/" in raw:
+            return name
+    return None
+
+
 def _status_line(status: int, reason: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
@@ -202,6 +227,9 @@ class ClientConnection(Protocol):
         self._header_bytes = 0
         self._header_name: bytes | None = None
         self._in_message = False
+        #: the raw chunks the current request head arrived in (see _other_protocol)
+        self._chunk = b""
+        self._head_chunks: list[bytes] = []
 
     # -- connection life --------------------------------------------------
 
@@ -351,9 +379,16 @@ class ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.broken is not None or self.closed or (self.closing and self.current is None):
             return  # the connection is ending: nothing more is read as HTTP
+        self._chunk = data
+        if self._in_message:
+            chunks = self._head_chunks
+            chunks.append(data)
+            if len(chunks) > 64:  # a head trickling in: keep memory, not list length, bounded
+                chunks[:] = [b"".join(chunks)]
         try:
             self._feed(data)
         finally:
+            self._chunk = b""  # an idle connection keeps no request bytes alive
             uncork = getattr(self.transport, "uncork", None)
             if uncork is not None:
                 uncork()
@@ -410,6 +445,7 @@ class ClientConnection(Protocol):
             # sends after that is a request (RFC 9112 9.6).
             raise _Closing()
         self._in_message = True
+        self._head_chunks = [self._chunk]
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -431,7 +467,12 @@ class ClientConnection(Protocol):
         version = parser.get_http_version().encode("ascii")
         if version not in (b"1.1", b"1.0"):
             raise _BadRequest(f"unsupported HTTP version {version.decode()}")
-        request = Request(parser.get_method(), self._url, version, self._headers)
+        method = parser.get_method()
+        protocol = _other_protocol(self._head_chunks, method, self._url)
+        self._head_chunks = []
+        if protocol is not None:
+            raise _BadRequest(f"unsupported protocol {protocol}/{version.decode()}")
+        request = Request(method, self._url, version, self._headers)
         # Trailer fields of a chunked body arrive through on_header too: they
         # must never join the head already taken (RFC 9110 6.5.2).
         self._headers = []
