@@ -75,7 +75,9 @@ class ProxyService(MultiService):
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self._watch: LoopingCall | None = None
+        self._rotation: LoopingCall | None = None
         self._watched = watch.signature(watch.material_files(config))
+        self._material = material
         self._material_digest = material.digest()
         self._record(material)
 
@@ -143,6 +145,9 @@ class ProxyService(MultiService):
         )
         if self.adopt is None:
             self.reactor.callWhenRunning(notify.ready)
+        self._rotation = LoopingCall(self.rotate_session_keys)
+        self._rotation.clock = self.reactor
+        self._rotation.start(tls.TICKET_KEY_LIFETIME, now=False)
         if self.config.reload_interval is not None:
             self._watch = LoopingCall(self._check_files)
             self._watch.clock = self.reactor
@@ -155,6 +160,16 @@ class ProxyService(MultiService):
             self._watched = current
             log.info("certificate files changed on disk, reloading")
             self.reload()
+
+    def rotate_session_keys(self) -> None:
+        """
+        A fresh context from the material in memory, for its fresh session
+        ticket key: OpenSSL keeps one random key per context and never
+        rotates it, and whoever reads that key decrypts every session it
+        sealed.  Sessions sealed under the old key make one full handshake.
+        """
+        self.creator.swap(tls.context_from_material(self.config, self._material))
+        log.debug("new TLS session ticket key")
 
     _stop_asked = False
 
@@ -194,6 +209,7 @@ class ProxyService(MultiService):
             return False
         self.creator.swap(context)
         self.config = config
+        self._material = material
         self._material_digest = material.digest()
         self.metrics.reload(True)
         self._record(material)
@@ -220,8 +236,9 @@ class ProxyService(MultiService):
         if self.adopt is None:
             notify.stopping()
         super().stopService()
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
+        for loop in (self._watch, self._rotation):
+            if loop is not None and loop.running:
+                loop.stop()
         port, self.port = self.port, None
         d: defer.Deferred[Any] = defer.maybeDeferred(port.stopListening) if port else (
             defer.succeed(None)

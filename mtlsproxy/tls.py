@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl
 from OpenSSL.crypto import X509, X509StoreFlags
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -43,9 +44,27 @@ TLS12_CIPHERS = b":".join(
     ]
 )
 
+#: Signature algorithms, both for the server's own signature and those asked
+#: of client certificates in the CertificateRequest: OpenSSL's defaults less
+#: SHA-1, SHA-224 and DSA, which no certificate made this decade needs.
+SIGALGS = b":".join(
+    [
+        b"ECDSA+SHA256", b"ECDSA+SHA384", b"ECDSA+SHA512", b"ed25519", b"ed448",
+        b"rsa_pss_pss_sha256", b"rsa_pss_pss_sha384", b"rsa_pss_pss_sha512",
+        b"rsa_pss_rsae_sha256", b"rsa_pss_rsae_sha384", b"rsa_pss_rsae_sha512",
+        b"RSA+SHA256", b"RSA+SHA384", b"RSA+SHA512",
+    ]
+)
+
 DEFAULT_VERIFY_DEPTH = 10
 #: seconds a TLS session (id or ticket) may be resumed
 SESSION_LIFETIME = 300
+#: seconds between new session ticket keys (a new context: see
+#: ProxyService.rotate_session_keys); Go's crypto/tls rotates daily, nginx
+#: only on reload.  An hour bounds what a leaked key decrypts to an hour of
+#: sessions, and costs a full handshake to clients whose session is older
+#: than the rotation.
+TICKET_KEY_LIFETIME = 3600
 #: SSL_MODE_NO_AUTO_CHAIN from OpenSSL's ssl.h, which pyOpenSSL does not name
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
 
@@ -183,6 +202,9 @@ def build_context(
     options |= getattr(SSL, "OP_NO_RENEGOTIATION", 0)
     ctx.set_options(options)
     ctx.set_cipher_list(TLS12_CIPHERS)
+    # pyOpenSSL has no call for this; cryptography's binding has the function.
+    if not _openssl.SSL_CTX_set1_sigalgs_list(ctx._context, SIGALGS):  # type: ignore[attr-defined]
+        raise RuntimeError("OpenSSL refused SIGALGS")  # pragma: no cover - a constant list
 
     option = "--keystore" if config.keystore is not None else "--cert"
     path = str(config.keystore if config.keystore is not None else config.cert)

@@ -457,6 +457,53 @@ def test_no_resumption_across_swap(pki: PKI) -> None:
     assert not reused(second.server.connection)
 
 
+@BOTH_VERSIONS
+def test_session_ticket_keys_rotate(pki: PKI, version: int) -> None:
+    """
+    Every TICKET_KEY_LIFETIME the running service takes a fresh context (and
+    with it a fresh ticket key) from the material in memory: sessions from
+    before are not resumed, sessions from after are.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mtlsproxy.service import make_service
+
+    reactor = MemoryReactorClock()
+    service = make_service(pki.config(), reactor)
+    service.startService()
+    context = client_context(make_client(pki.client_ca, "returning"), pki.server_ca, version)
+    # Kept alive: OpenSSL drops a cached TLS 1.2 session whose connection is
+    # freed without close_notify, which would pass for a rotation.
+    handshakes: list[Handshake] = []
+
+    def new_session() -> SSL.Session:
+        handshake = connect(service.creator, ClientCreator(context))
+        handshakes.append(handshake)
+        assert handshake.server.handshake_done and handshake.client.connection is not None
+        session = handshake.client.connection.get_session()
+        assert session is not None
+        return session
+
+    def resumes(session: SSL.Session) -> bool:
+        handshake = connect(service.creator, ClientCreator(context, session=session))
+        handshakes.append(handshake)
+        assert handshake.server.handshake_done
+        return reused(handshake.server.connection)
+
+    try:
+        before = new_session()
+        assert resumes(before)
+        first_context = service.creator.context
+        reactor.advance(tls.TICKET_KEY_LIFETIME - 1)
+        assert service.creator.context is first_context
+        reactor.advance(1)
+        assert service.creator.context is not first_context
+        assert not resumes(before)
+        assert resumes(new_session())
+    finally:
+        service.stopService()
+
+
 def test_session_id_context_follows_trust() -> None:
     """The session id context changes with the CAs, the CRLs and client_auth, and
     fits OpenSSL's 32-byte limit."""

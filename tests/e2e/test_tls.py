@@ -96,3 +96,22 @@ def test_pkcs12_keystore_and_truststore(start_proxy, pki, keystore_by, truststor
     assert proxy.curl("/echo/p12").echo().values("X-Client-Cert-CN") == ["client"]
     attempt = proxy.attempt("rogue")
     assert attempt.refused, attempt
+
+
+@pytest.mark.parametrize("flag", ["-tls1_2", "-tls1_3"])
+def test_requested_signature_algorithms_exclude_sha1_sha224_and_dsa(proxy, flag):
+    """
+    The CertificateRequest asks for modern signatures only (tls.SIGALGS), and
+    the server's own signature is one of them.
+    """
+    status, output = proxy.s_client(flag, request=REQUEST)
+    assert status is not None, f"s_client hung:\n{output}"
+    line = next(
+        (x for x in output.splitlines() if x.startswith("Requested Signature Algorithms:")), None
+    )
+    assert line is not None, output
+    requested = line.split(":", 1)[1].strip().split(":")
+    assert "ECDSA+SHA256" in requested and "RSA-PSS+SHA256" in requested, line
+    weak = [e for e in requested if e.endswith(("SHA1", "SHA224")) or e.startswith("DSA+")]
+    assert weak == [], line
+    assert GREETING in output, output
