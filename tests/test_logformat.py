@@ -228,3 +228,82 @@ def test_daemon_logs_json(tmp_path: Path) -> None:
     listening = [r for r in records if r["namespace"] == "mtlsproxy" and "address" in r]
     assert listening and listening[0]["backend"] == "http://127.0.0.1:9"
     assert all({"time", "level", "namespace", "message"} <= r.keys() for r in records)
+
+
+# -- the access line's fast path ---------------------------------------------
+
+
+def _access_event(line: str, when: float) -> dict[str, Any]:
+    return {
+        "log_format": "{line}",
+        "log_namespace": "mtlsproxy.access",
+        "log_level": LogLevel.info,
+        "log_time": when,
+        "line": line,
+        "status": 200,
+    }
+
+
+def test_fast_access_lines_are_byte_for_byte_twisteds() -> None:
+    """
+    speed_up_access_lines changes twistd's text observer, and what it writes
+    is exactly what Twisted's own formatting would have written, across
+    second boundaries, for braces and non-ASCII, and for other events.
+    """
+    from twisted.logger import LogPublisher, textFileLogObserver
+
+    from mtlsproxy.logformat import AccessLineFormat, speed_up_access_lines
+
+    fast_out, slow_out = io.StringIO(), io.StringIO()
+    publisher = LogPublisher()
+    fast, slow = textFileLogObserver(fast_out), textFileLogObserver(slow_out)
+    publisher.addObserver(fast)
+    assert speed_up_access_lines(publisher) == 1
+    assert isinstance(fast.formatEvent, AccessLineFormat)
+    assert speed_up_access_lines(publisher) == 0  # never wrapped twice
+    events = [
+        _access_event('10.0.0.1:5 alice "GET /{a}?b=%7B HTTP/1.1" 200 3 0.001s', t)
+        for t in (1700000000.0, 1700000000.999, 1700000001.0, 1700003600.5, 1800000000.1)
+    ]
+    events.append(_access_event('::1 J%C3%BCrgen "POST /é HTTP/1.0" 502 0 1.250s', 1700000002.0))
+    events.append({"log_format": "refused {peer}: {reason}", "log_namespace": "mtlsproxy",
+                   "log_level": LogLevel.info, "log_time": 1700000002.5, "peer": "x",
+                   "reason": "unknown CA"})
+    events.append({**_access_event("with system", 1700000003.0), "log_system": "worker-1"})
+    events.append({**_access_event("warned", 1700000003.0), "log_level": LogLevel.warn})
+    for event in events:
+        publisher(dict(event))
+        slow(dict(event))
+    assert fast_out.getvalue() == slow_out.getvalue()
+    assert fast_out.getvalue().count("\n") == len(events)
+
+
+def test_other_file_observers_keep_their_format() -> None:
+    """A JSON FileLogObserver, or text with another time format, is left alone."""
+    from twisted.logger import LogPublisher, jsonFileLogObserver, textFileLogObserver
+
+    from mtlsproxy.logformat import speed_up_access_lines
+
+    publisher = LogPublisher()
+    json_observer_ = jsonFileLogObserver(io.StringIO())
+    odd_time = textFileLogObserver(io.StringIO(), timeFormat="%H:%M:%S.%f")
+    publisher.addObserver(json_observer_)
+    publisher.addObserver(odd_time)
+    before = (json_observer_.formatEvent, odd_time.formatEvent)
+    assert speed_up_access_lines(publisher) == 0
+    assert (json_observer_.formatEvent, odd_time.formatEvent) == before
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_line_observers_render_access_lines_as_formatEvent_would(as_json: bool) -> None:
+    """The JSON and journal observers' shortcut for access lines changes nothing."""
+    from twisted.logger import formatEvent
+
+    from mtlsproxy.logformat import event_as_json, event_as_text
+
+    event = _access_event('10.0.0.1:5 alice "GET /{x} HTTP/1.1" 200 3 0.001s', 1700000000.5)
+    if as_json:
+        record = json.loads(event_as_json(event))
+        assert record["message"] == formatEvent(event) and record["status"] == 200
+    else:
+        assert event_as_text(event) == f"[mtlsproxy.access] {formatEvent(event)}"

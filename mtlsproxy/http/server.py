@@ -49,6 +49,7 @@ from ..identity import (
     identity_from_connection,
     identity_headers,
 )
+from ..logformat import ACCESS_FORMAT, ACCESS_NAMESPACE
 from ..metrics import Metrics
 from ..policy import Policy, parse_target
 from .backend import BackendConnection, BackendPool, Headers, connect_error_reason
@@ -60,7 +61,7 @@ from .headers import (
 )
 
 log = Logger("mtlsproxy")
-access_log = Logger("mtlsproxy.access")
+access_log = Logger(ACCESS_NAMESPACE)
 
 #: more header lines than this get 431, as HAProxy's tune.http.maxhdr (101) does:
 #: each costs memory and work on both hops, and no real client needs them
@@ -1083,7 +1084,7 @@ class Exchange:
         # a many-field format string was a large part of each request's cost.
         # The fields are still passed for structured (JSON) log observers.
         access_log.info(
-            "{line}",
+            ACCESS_FORMAT,
             line=f'{peer} {cn} "{method} {target} HTTP/{version}" {status} '
             f"{self.bytes_sent} {duration:.3f}s",
             peer=peer,
