@@ -246,8 +246,11 @@ def build_context(
     # a resumed session whose certificate has expired since.
     ctx.set_timeout(SESSION_LIFETIME)
     # Send exactly the chain configured: OpenSSL would otherwise complete
-    # the server's chain from the store of *client* CAs.
-    ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
+    # the server's chain from the store of *client* CAs.  And free a
+    # connection's 34 KiB of record buffers while it is idle, as nginx does:
+    # 1,000 idle connections took 62 MiB without, 35 MiB with, and the
+    # keep-alive path showed no cost within the noise (docs/performance.md).
+    ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN | SSL.MODE_RELEASE_BUFFERS)
     ctx.set_alpn_select_callback(_select_alpn)  # type: ignore[arg-type]
     return ctx
 

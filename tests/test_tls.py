@@ -587,6 +587,8 @@ def test_context_settings(pki: PKI) -> None:
     assert required.get_verify_mode() == SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
     assert required.get_verify_depth() == tls.DEFAULT_VERIFY_DEPTH == 10
     assert required.get_session_cache_mode() == SSL.SESS_CACHE_SERVER
+    # set_mode returns the context's whole mode: idle connections free their buffers
+    assert required.set_mode(0) & SSL.MODE_RELEASE_BUFFERS
     optional = tls.context_from_config(pki.config(client_auth="optional"))
     assert optional.get_verify_mode() == SSL.VERIFY_PEER
 
