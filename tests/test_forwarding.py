@@ -564,6 +564,49 @@ def test_max_connections_pauses_accepting(client_cert: Any) -> None:
     assert port.reading
 
 
+def test_at_max_connections_the_oldest_unfinished_handshake_gives_way(
+    client_cert: Any,
+) -> None:
+    """
+    Clients that connect and never finish their handshake cannot hold every
+    slot: at --max-connections the oldest unfinished handshake is dropped
+    (and logged as refused) instead of accepting pausing; verified clients
+    are never dropped, and with no handshake left to drop accepting pauses.
+    """
+    settings = ProxySettings(
+        handshake_timeout=10, idle_timeout=60, backend_timeout=30, max_header_bytes=4096,
+        client_auth_required=True, max_connections=3,
+    )
+
+    class Port:
+        reading = True
+
+        def stopReading(self) -> None:
+            self.reading = False
+
+        def startReading(self) -> None:
+            self.reading = True
+
+    verified = Harness(client_cert, settings)
+    factory = verified.factory
+    factory.port = port = Port()
+
+    def connect() -> tuple[ClientConnection, ClientTransport]:
+        conn, transport = ClientConnection(factory), ClientTransport(client_cert)
+        conn.makeConnection(transport)
+        return conn, transport
+
+    (stalled, stalled_t), (later, later_t) = connect(), connect()
+    assert stalled_t.disconnecting and not later_t.disconnecting and port.reading
+    stalled.connectionLost(Failure(error.ConnectionAborted()))
+    assert list(factory.handshaking) == [later]
+    later.handshakeCompleted()
+    assert factory.handshaking == {}
+    third, third_t = connect()
+    assert not third_t.disconnecting and not verified.transport.disconnecting
+    assert not port.reading  # nothing left to give way: accepting pauses
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [

@@ -244,6 +244,7 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
+        self.factory.handshake_finished(self)
         conn: SSL.Connection = self.transport.getHandle()
         try:
             self.identity = identity_from_connection(conn, self.settings.identity_cache)
@@ -321,6 +322,12 @@ class ClientConnection(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def give_way(self) -> None:
+        """Drop this unfinished handshake to make room under --max-connections."""
+        self.factory.handshake_finished(self)
+        if not self.handshake_done:
+            self._refuse("handshake not finished when --max-connections was reached")
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -1115,6 +1122,8 @@ class ProxyFactory(Factory):
         self.clock = clock
         self.metrics = metrics
         self.connections: set[ClientConnection] = set()
+        #: connections whose handshake has not finished, oldest first
+        self.handshaking: dict[ClientConnection, None] = {}
         #: set when stopping: every response ends its connection
         self.draining = False
         #: the listening port, paused while --max-connections clients are connected
@@ -1123,8 +1132,17 @@ class ProxyFactory(Factory):
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        self.handshaking[conn] = None
         limit = self.settings.max_connections
         if limit and len(self.connections) >= limit and self.port is not None:
+            # Full: the oldest unfinished handshake gives way before accepting
+            # pauses, so clients that open connections and never finish their
+            # handshake cannot hold every slot for --handshake-timeout and
+            # lock verified clients out (as pausing alone let them).
+            for oldest in self.handshaking:
+                if oldest is not conn:
+                    oldest.give_way()
+                    return
             if not self._accept_paused:
                 # New clients wait in the kernel's accept queue, as with
                 # HAProxy's maxconn, instead of being accepted and starved.
@@ -1135,8 +1153,12 @@ class ProxyFactory(Factory):
                 self.port.stopReading()
                 self._accept_paused = True
 
+    def handshake_finished(self, conn: ClientConnection) -> None:
+        self.handshaking.pop(conn, None)
+
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self.handshaking.pop(conn, None)
         if self._accept_paused and len(self.connections) < self.settings.max_connections:
             self._accept_paused = False
             if self.port is not None and not self.draining:
