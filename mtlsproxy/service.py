@@ -113,7 +113,7 @@ class ProxyService(MultiService):
             os.close(fd)  # the reactor holds its own duplicate
             log.info("worker {index} accepting", index=self.worker_index)
             return port
-        port = _listen_now(self.reactor, "--listen", self.config.listen, wrapped)
+        port = _listen_now(self.reactor, "--listen", with_backlog(self.config.listen), wrapped)
         log.info(
             "mtlsproxy listening on {address}, forwarding to {backend}",
             address=_format_address(port.getHost()),
@@ -279,6 +279,23 @@ def listen_failed(e: Exception) -> NoReturn:
     """
     os.write(2, f"mtlsproxy: {e}\n".encode())
     raise SystemExit(1) from None
+
+
+#: the listen backlog when --listen names none: nginx's default (Twisted's is 50)
+LISTEN_BACKLOG = 511
+
+
+def with_backlog(description: str) -> str:
+    """
+    C{description} with C{backlog=LISTEN_BACKLOG} when it is a TCP or UNIX
+    endpoint that sets none.  Twisted's default of 50 overflows under a burst
+    of connections, and the kernel then drops SYNs: the clients retry after
+    a second.  Socket activation takes systemd's Backlog= instead.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 def _listen_now(

@@ -55,8 +55,9 @@ _HELP = {
     "metrics": "endpoint description of the plain-HTTP metrics listener",
     "workers": "processes sharing the listening socket [default: 1]",
     "shutdown-timeout": "seconds to let requests finish on SIGTERM [default: 10]",
-    "max-connections": "client connections open at once per process; more wait in the "
-    "kernel's accept queue [default: 4096]",
+    "max-connections": "client connections open at once per process; at the limit the "
+    "oldest unfinished handshake is dropped, then new clients wait in the kernel's accept "
+    "queue [default: 4096]",
     "reload-interval": "check the certificate, key, CA and CRL files every S seconds and "
     "reload when one changed [default: off, reload on SIGHUP]",
     "verify-depth": "most intermediate CAs between a client certificate and a trusted CA "

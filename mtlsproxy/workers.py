@@ -95,7 +95,7 @@ class WorkersService(MultiService):
         self._restarts: dict[int, IDelayedCall] = {}
 
     def privilegedStartService(self) -> None:
-        from .service import _listen_now, install_signals, listen_failed
+        from .service import _listen_now, install_signals, listen_failed, with_backlog
 
         # Before "listening on" is logged: see ProxyService.privilegedStartService.
         install_signals(self.reactor, self._forward_hup, self._stop_requested)
@@ -103,7 +103,9 @@ class WorkersService(MultiService):
             # The factory is never used: the master does not accept.
             unused = Factory()
             unused.noisy = False
-            self.port = _listen_now(self.reactor, "--listen", self.config.listen, unused)
+            self.port = _listen_now(
+                self.reactor, "--listen", with_backlog(self.config.listen), unused
+            )
         except Exception as e:  # ListenError: one line, exit 1
             listen_failed(e)
         assert self.port is not None

@@ -160,3 +160,38 @@ def test_sigterm_is_handled_before_the_listening_line(pki: dict[str, str]) -> No
             signal.signal(s, handler)
     assert len(seen) == 1
     assert seen[0] not in (signal.SIG_DFL, saved[signal.SIGTERM])
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("tcp:8443", "tcp:8443:backlog=511"),
+        ("tcp6:8443:interface=\\:\\:1", "tcp6:8443:interface=\\:\\:1:backlog=511"),
+        ("unix:/run/mtlsproxy.sock", "unix:/run/mtlsproxy.sock:backlog=511"),
+        ("tcp:8443:backlog=4096", "tcp:8443:backlog=4096"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_listen_backlog_defaults_to_nginxs(description: str, expected: str) -> None:
+    """Twisted's backlog of 50 is raised to 511 unless --listen sets one."""
+    from mtlsproxy.service import with_backlog
+
+    assert with_backlog(description) == expected
+
+
+def test_listening_port_gets_the_backlog(pki: dict[str, str]) -> None:
+    """The daemon's listening socket is opened with that backlog."""
+    config = build_config(
+        {"listen": "tcp:0:interface=127.0.0.1", "backend": "http://127.0.0.1:9",
+         "cert": pki["cert"], "key": pki["key"], "ca": pki["ca"]}
+    )
+    reactor = MemoryReactor()
+    service = make_service(config, reactor)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        service.privilegedStartService()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    (port, _factory, backlog, interface), = reactor.tcpServers
+    assert (port, backlog, interface) == (0, 511, "127.0.0.1")
