@@ -112,6 +112,18 @@ CRL_DAYS = 30
 #: notBefore is set this far in the past so that a peer whose clock is a little
 #: behind does not reject a certificate made a second ago as "not yet valid".
 CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+
+def _not_after(now: datetime.datetime, days: int) -> datetime.datetime:
+    """
+    The end of a validity period of exactly C{days} days from the backdated
+    notBefore: RFC 5280 periods include both ends, so one second less, and a
+    398-day certificate is not the 398 days and 5 minutes that CA/Browser
+    Forum checks (testssl.sh's "lifespan") count as too long.
+    """
+    return now - CLOCK_SKEW + datetime.timedelta(days=days, seconds=-1)
+
+
 DEFAULT_SERVER_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 DEFAULT_CLIENT_NAME = "client"
 #: PBKDF2 rounds for PKCS#12 files: keytool's own default is 10000; more is
@@ -600,7 +612,7 @@ def _build_ca(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(_not_after(now, days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
@@ -664,7 +676,7 @@ def _build_leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(_not_after(now, days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(ca.authority_key_identifier(), critical=False)

@@ -176,6 +176,9 @@ def test_certificate_profile(shared: Path) -> None:
         assert cert.issuer == ca.subject
     server = load_cert(shared / "server-cert.pem")
     assert server.not_valid_after_utc - now <= datetime.timedelta(days=398)
+    # RFC 5280 counts both ends: exactly 398 days, not 398 days and the backdating
+    period = server.not_valid_after_utc - server.not_valid_before_utc
+    assert period + datetime.timedelta(seconds=1) == datetime.timedelta(days=398)
     assert server.serial_number != load_cert(shared / "client-cert.pem").serial_number
 
 
