@@ -7,6 +7,12 @@ with llhttp (httptools) and reports each event to the L{BackendExchange} it is
 serving.  Reading from the backend is paused and resumed by the client side
 when the client reads slowly; writing to the backend pauses the client when the
 backend reads slowly.
+
+A connection goes back to the pool only after the whole read that completed
+a response has been parsed with nothing after the response, and bytes that
+arrive while it is idle close it: what a backend sends beyond the response
+it framed is not read as the next request's response (unless it arrives
+only after that request went out, which HTTP/1.1 cannot tell apart).
 """
 
 from __future__ import annotations
@@ -48,8 +54,21 @@ class BackendExchange(TypingProtocol):
     def backend_failed(self, reason: str, response_started: bool) -> None: ...
 
 
+#: A response head (status line and fields) or trailer section larger than
+#: this, or with more field lines, is refused with 502: llhttp sets no limit of
+#: its own, so a backend could otherwise make the proxy hold (and forward) any
+#: amount.  The same figures as a request's (--max-header-bytes' default, and
+#: HAProxy's tune.http.maxhdr).
+MAX_RESPONSE_HEAD_BYTES = 65536
+MAX_RESPONSE_HEADERS = 100
+
+
 class BackendProtocolError(Exception):
     """The backend's answer could not be parsed as HTTP/1.1."""
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: nothing more of this read belongs to the exchange."""
 
 
 class BackendConnection(Protocol):
@@ -59,6 +78,8 @@ class BackendConnection(Protocol):
     @ivar reusable: whether the connection may serve another exchange once the
         current one is complete (the backend kept it alive and framed the
         response so that its end was known).
+    @ivar received: whether any byte of a response to the current exchange
+        has arrived (a request that got no byte back may be retried).
     """
 
     #: a TCP or UNIX transport: ITransport plus producers and abortConnection
@@ -70,12 +91,19 @@ class BackendConnection(Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._head_request = False
         self._headers: Headers = []
+        self._head_bytes = 0
+        self._fields = 0
         self._reason = b""
         self._status = 0
         self._response_started = False
         self._close_delimited = False
         self._complete = False
+        #: the keep-alive verdict of a response completed during the current read
+        self._done: bool | None = None
+        #: bytes came after the complete response: the backend is out of step
+        self._stray = False
         self.reusable = False
+        self.received = False
         self.connected = False
         self.used = 0
         #: called after each read from the backend (the client's uncork)
@@ -91,14 +119,39 @@ class BackendConnection(Protocol):
         parser = self._parser
         if parser is None or self._exchange is None:
             # Bytes nobody asked for: the backend is out of step; never reuse.
+            if self.reusable:
+                log.warn("backend sent data on an idle connection; closing it")
             self.reusable = False
             self.transport.loseConnection()
             return
+        self.received = True
         flush = self.flush_client
+        failure: str | None = None
         try:
             parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, BackendProtocolError):
+                failure = f"invalid HTTP response from backend: {cause}"
+            elif not isinstance(cause, _Stop):
+                log.failure("handling the backend response failed", Failure(cause))
+                failure = "internal error while handling the backend response"
         except httptools.HttpParserError as e:
-            self._fail(f"invalid HTTP response from backend: {e}")
+            failure = f"invalid HTTP response from backend: {e}"
+        except httptools.HttpParserUpgrade:  # pragma: no cover - 101 is refused first
+            failure = "invalid HTTP response from backend: protocol switch"
+        done, self._done = self._done, None
+        if done is not None:
+            # The response is complete, and only now, with llhttp done with
+            # this read, may the connection go back to the pool: handing it
+            # to the next exchange from inside a parser callback would let
+            # the rest of this read be parsed as that exchange's response.
+            if self._stray or failure is not None:
+                log.warn("backend sent data after a complete response; closing the connection")
+                done = False
+            self._finish(done)
+        elif failure is not None:
+            self._fail(failure)
         if flush is not None:
             flush()  # what this read produced for the client goes out as one TLS write
 
@@ -136,7 +189,10 @@ class BackendConnection(Protocol):
         self._response_started = False
         self._close_delimited = False
         self._complete = False
+        self._done = None
+        self._stray = False
         self.reusable = False
+        self.received = False
         self.used += 1
         self.flush_client = flush_client
         send_now(self.transport, head)
@@ -161,66 +217,112 @@ class BackendConnection(Protocol):
 
     # -- httptools callbacks ----------------------------------------------
 
+    def _live(self) -> BackendExchange:
+        """The exchange the bytes being parsed belong to; stop parsing if none does."""
+        exchange = self._exchange
+        if exchange is None:
+            raise _Stop()
+        if self._complete:
+            # A byte past the end of the complete response.
+            self._stray = True
+            raise _Stop()
+        return exchange
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            raise BackendProtocolError("response headers too large")
+
     def on_message_begin(self) -> None:
+        self._live()
         self._headers = []
+        self._head_bytes = self._fields = 0
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
+        self._count(len(status))
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._count(len(name) + len(value) + 4)
+        self._fields += 1
+        if self._fields > MAX_RESPONSE_HEADERS:
+            raise BackendProtocolError("too many response header fields")
+        if not self._response_started:
+            self._headers.append((name, value))  # trailer fields are not forwarded
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        exchange = self._exchange
-        assert parser is not None and exchange is not None
+        exchange = self._live()
+        assert parser is not None
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BackendProtocolError(f"unsupported HTTP version {version}")
         status = parser.get_status_code()
+        if status > 599:
+            raise BackendProtocolError(f"invalid status code {status}")
         if 100 <= status < 200:
             if status == 101:
-                raise BackendProtocolError("backend switched protocols, which is not supported")
+                raise BackendProtocolError("101 Switching Protocols, which was not asked for")
             exchange.backend_informational(status, self._reason, self._headers)
             return
+        headers = self._headers
+        self._headers = []
+        self._head_bytes = self._fields = 0  # a trailer section has limits of its own
         self._status = status
-        self._response_started = True
         has_length = False
-        chunked = False
-        for name, value in self._headers:
+        codings = []
+        for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
                 has_length = True
-            elif lower == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
-                chunked = True
+            elif lower == b"transfer-encoding":
+                codings.append(value)
         no_body = self._head_request or status in (204, 304)
+        chunked = False
+        if codings and not no_body:
+            # llhttp would read another coding's body to the close and hand
+            # over still-encoded bytes, and the proxy drops the field
+            # (hop-by-hop): only a single "chunked" frames a body the proxy
+            # can re-frame, as on the request side.
+            if version == "1.0":
+                raise BackendProtocolError("Transfer-Encoding in an HTTP/1.0 response")
+            if len(codings) > 1 or codings[0].rstrip(b" ").lower() != b"chunked":
+                raise BackendProtocolError("Transfer-Encoding other than chunked")
+            chunked = True
+        self._response_started = True
         self._close_delimited = not (no_body or has_length or chunked)
-        exchange.backend_headers(
-            status, self._reason, self._headers, parser.get_http_version().encode("ascii")
-        )
-        if self._head_request and self._exchange is exchange and not self._complete:
-            # llhttp cannot be told that a HEAD response has no body: end it here.
-            self._finish(parser.should_keep_alive())
+        exchange.backend_headers(status, self._reason, headers, version.encode("ascii"))
+        if self._head_request and self._exchange is exchange:
+            # llhttp cannot be told that a HEAD response has no body: it ends here.
+            self._complete = True
+            self._done = parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        if self._exchange is not None and not self._complete:
-            self._exchange.backend_body(body)
+        self._live().backend_body(body)
 
     def on_message_complete(self) -> None:
         parser = self._parser
-        if parser is None or self._exchange is None or not self._response_started:
-            return  # the end of a 1xx response
+        if parser is None or self._exchange is None:
+            raise _Stop()
         if self._complete:
-            return
-        self._finish(parser.should_keep_alive() and not self._close_delimited)
+            return  # llhttp's end of a HEAD response, which ended with its head
+        if not self._response_started:
+            return  # the end of a 1xx response
+        self._complete = True
+        self._done = parser.should_keep_alive() and not self._close_delimited
 
     # -- internals ---------------------------------------------------------
 
     def _finish(self, keep_alive: bool) -> None:
         exchange = self._exchange
-        assert exchange is not None
         self._complete = True
         self.reusable = keep_alive
         self._exchange = None
-        exchange.backend_complete()
+        if exchange is not None:
+            exchange.backend_complete()
+        elif self.connected:
+            self.transport.loseConnection()
 
     def _fail(self, reason: str) -> None:
         exchange = self._exchange
@@ -280,7 +382,8 @@ class BackendPool:
         """
         while self._idle:
             conn = self._idle.pop()
-            if conn.connected:
+            # One found out of step while idle is closing but not yet closed.
+            if conn.connected and conn.reusable:
                 return conn, None
         return None, self.connect()
 

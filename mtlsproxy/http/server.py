@@ -989,6 +989,7 @@ class Exchange:
         if (
             backend is not None
             and backend.used > 1
+            and not backend.received
             and not self.retried
             and self._replayable()
         ):

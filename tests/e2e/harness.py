@@ -582,6 +582,25 @@ class TlsConnection:
             pass
 
 
+def collect(conn: TlsConnection, quiet: float = 1.5) -> tuple[bytes, bool]:
+    """
+    Everything the proxy sends on C{conn} until it closes the connection
+    (True) or stays silent for C{quiet} seconds (False).
+    """
+    conn.sock.settimeout(quiet)
+    data = bytearray()
+    while True:
+        try:
+            piece = conn.sock.recv(65536)
+        except TimeoutError:
+            return bytes(data), False
+        except (ssl.SSLError, ConnectionError, OSError):
+            return bytes(data), True
+        if not piece:
+            return bytes(data), True
+        data += piece
+
+
 @dataclasses.dataclass
 class Attempt:
     """What a client got when it tried a request: an HTTP response, or a failure."""

@@ -41,6 +41,7 @@ from .harness import (
     Proxy,
     ProxyLauncher,
     TlsConnection,
+    collect,
     read_response,
 )
 from .rawbackend import (
@@ -135,25 +136,6 @@ def early_stack(pki: Pki, tmp_path: Path) -> Iterator[Stack]:
 
 
 # -- client side helpers -------------------------------------------------------------
-
-
-def collect(conn: TlsConnection, quiet: float = 1.5) -> tuple[bytes, bool]:
-    """
-    Everything the proxy sends on C{conn} until it closes the connection
-    (True) or stays silent for C{quiet} seconds (False).
-    """
-    conn.sock.settimeout(quiet)
-    data = bytearray()
-    while True:
-        try:
-            piece = conn.sock.recv(65536)
-        except TimeoutError:
-            return bytes(data), False
-        except (ssl.SSLError, ConnectionError, OSError):
-            return bytes(data), True
-        if not piece:
-            return bytes(data), True
-        data += piece
 
 
 def responses_in(data: bytes) -> list[HttpResponse]:

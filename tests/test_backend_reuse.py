@@ -1,0 +1,49 @@
+"""
+When a pooled backend connection may serve another exchange, in memory.
+
+The end-to-end cases are in C{tests/e2e/test_response_framing.py}; these pin
+the two orderings a real reactor makes hard to reproduce on demand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .test_forwarding import Harness, client_cert  # noqa: F401 - client_cert is a fixture
+
+FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+
+
+def test_connection_out_of_step_while_idle_is_not_handed_out(client_cert: Any) -> None:  # noqa: F811
+    """
+    Stray bytes on an idle pooled connection close it, but the close completes
+    later; a request arriving in between must get a new connection.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    h.respond(FAKE)  # idle: the proxy starts closing it
+    assert h.backend.transport.disconnecting
+    h.transport.clear()
+    h.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(h.endpoint.connections) == 2
+    assert b"GET /2 " not in h.backend_received(0)
+    assert b"GET /2 " in h.backend_received(1)
+
+
+def test_rest_of_a_read_never_answers_a_pipelined_request(client_cert: Any) -> None:  # noqa: F811
+    """
+    A response and stray bytes in one read, with the client's next request
+    already queued: the next request goes to a new connection, and the stray
+    bytes reach no client.
+    """
+    h = Harness(client_cert)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + FAKE, index=0)
+    assert b"SMUGGLED" not in h.client_received()
+    assert b"GET /2 " not in h.backend_received(0)
+    assert h.endpoint.connections[0].transport.disconnecting
+    assert b"GET /2 " in h.backend_received(1)
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", index=1)
+    assert h.client_received().endswith(b"\r\n\r\nok")
+    assert b"SMUGGLED" not in h.client_received()
