@@ -474,6 +474,30 @@ def test_idle_client_is_closed_after_idle_timeout(client_cert: Any) -> None:
     assert h.transport.disconnecting
 
 
+def test_idle_timeout_counts_from_the_last_response(client_cert: Any) -> None:
+    """
+    The idle timer is not made anew per request: when the first one fires
+    after a later request, it moves on, and the connection closes exactly
+    --idle-timeout after the last response, never during a request.
+    """
+    h = Harness(client_cert)
+    idle = SETTINGS.idle_timeout
+    h.clock.advance(idle - 10)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.clock.advance(20)  # the handshake's idle timer fires while /1 is in flight
+    assert not h.transport.disconnecting
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    h.clock.advance(idle - 1)
+    assert not h.transport.disconnecting
+    h.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    h.clock.advance(idle - 1)  # a timer armed after /1 fires here and moves on
+    assert not h.transport.disconnecting
+    h.clock.advance(1)
+    assert h.transport.disconnecting
+    assert len(h.clock.getDelayedCalls()) <= 2  # no pile of stale timers
+
+
 def test_slow_headers_get_408(client_cert: Any) -> None:
     """A client that starts a request but does not finish its headers in time gets 408."""
     h = Harness(client_cert)

@@ -212,6 +212,8 @@ class ClientConnection(Protocol):
         self.peer = "-"
         self.identity: ClientIdentity | None = None
         self.identity_headers: Headers = []
+        #: the CN as the access log writes it (percent-encoded), once per connection
+        self.log_cn = "-"
         self.handshake_done = False
         self.closed = False
         self.queue: deque[Request] = deque()
@@ -222,6 +224,7 @@ class ClientConnection(Protocol):
         #: the proxy has sent (or is sending) a response that ends the connection
         self.closing = False
         self._timer: IDelayedCall | None = None
+        self._idle_since = 0.0
         self._pauses: set[str] = set()
         self._url = b""
         self._headers: Headers = []
@@ -269,11 +272,14 @@ class ClientConnection(Protocol):
                 return
         if self.identity is not None:
             self.identity_headers = identity_headers(self.identity, self.settings.header_settings)
+            if self.identity.cn is not None:
+                self.log_cn = encode_header_value(self.identity.cn).decode("ascii")
             for problem in self.identity.problems:
                 log.warn("client {peer}: {problem}", peer=self.peer, problem=problem)
         if self.factory.metrics is not None:
             self.factory.metrics.handshake("ok")
-        self._set_timer(self.settings.idle_timeout, self._idle_timed_out)
+        self._cancel_timer()
+        self._arm_idle()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
@@ -334,9 +340,23 @@ class ClientConnection(Protocol):
         if not self.handshake_done:
             self._refuse("handshake timeout")
 
+    def _arm_idle(self) -> None:
+        """
+        --idle-timeout (and the time to send the next request's head) counts
+        from now.  An idle timer already pending is kept and moved on when it
+        fires, instead of being cancelled and made again for every request.
+        """
+        self._idle_since = self.clock.seconds()
+        if self._timer is None or not self._timer.active():
+            self._timer = self.clock.callLater(self.settings.idle_timeout, self._idle_timed_out)
+
     def _idle_timed_out(self) -> None:
         self._timer = None
-        if self.current is not None:
+        if self.current is not None or self.closing:
+            return  # busy (exchange_done arms the timer again) or ending anyway
+        remaining = self._idle_since + self.settings.idle_timeout - self.clock.seconds()
+        if remaining > 0:
+            self._timer = self.clock.callLater(remaining, self._idle_timed_out)
             return
         if self._in_message:
             log.info("closing {peer}: request headers not received in time", peer=self.peer)
@@ -592,7 +612,9 @@ class ClientConnection(Protocol):
             return
         request = self.queue.popleft()
         self.current = request
-        self._cancel_timer()
+        # The idle timer stays armed: it does nothing while a request is in
+        # flight (see _idle_timed_out), which saves a cancel and a callLater
+        # per keep-alive request.
         request.started = time.monotonic()
         self.exchange = Exchange(self, request)
         self.exchange.start()
@@ -618,7 +640,7 @@ class ClientConnection(Protocol):
             else:
                 self.transport.loseConnection()
             return
-        self._set_timer(self.settings.idle_timeout, self._idle_timed_out)
+        self._arm_idle()
 
     def _send_error(self, status: int, reason: str) -> None:
         """An answer of the proxy's own, after which the connection closes."""
@@ -1080,10 +1102,7 @@ class Exchange:
         metrics = self.client.factory.metrics
         if metrics is not None:
             metrics.request(status, duration)
-        identity = self.client.identity
-        cn = "-"
-        if identity is not None and identity.cn is not None:
-            cn = encode_header_value(identity.cn).decode("ascii")
+        cn = self.client.log_cn
         peer = self.client.peer
         method = request.method.decode("latin-1")
         target = request.target.decode("latin-1")
