@@ -18,7 +18,6 @@ only after that request went out, which HTTP/1.1 cannot tell apart).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -61,6 +60,14 @@ class BackendExchange(TypingProtocol):
 #: HAProxy's tune.http.maxhdr).
 MAX_RESPONSE_HEAD_BYTES = 65536
 MAX_RESPONSE_HEADERS = 100
+
+
+class ClientCork(TypingProtocol):
+    """The part of L{CorkedTLSProtocol} a backend connection uses."""
+
+    def hold(self) -> None: ...
+
+    def uncork(self) -> None: ...
 
 
 class BackendProtocolError(Exception):
@@ -106,8 +113,9 @@ class BackendConnection(Protocol):
         self.received = False
         self.connected = False
         self.used = 0
-        #: called after each read from the backend (the client's uncork)
-        self.flush_client: Callable[[], None] | None = None
+        #: the client's corked TLS transport: held while a read from the
+        #: backend is handled, uncorked after it (see http/transport.py)
+        self.client_cork: ClientCork | None = None
 
     # -- Protocol ----------------------------------------------------------
 
@@ -125,7 +133,16 @@ class BackendConnection(Protocol):
             self.transport.loseConnection()
             return
         self.received = True
-        flush = self.flush_client
+        cork = self.client_cork
+        if cork is not None:
+            cork.hold()
+        try:
+            self._parse(parser, data)
+        finally:
+            if cork is not None:
+                cork.uncork()  # what this read produced for the client: one TLS write
+
+    def _parse(self, parser: httptools.HttpResponseParser, data: bytes) -> None:
         failure: str | None = None
         try:
             parser.feed_data(data)
@@ -152,8 +169,6 @@ class BackendConnection(Protocol):
             self._finish(done)
         elif failure is not None:
             self._fail(failure)
-        if flush is not None:
-            flush()  # what this read produced for the client goes out as one TLS write
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -180,7 +195,7 @@ class BackendConnection(Protocol):
         exchange: BackendExchange,
         head: bytes,
         method: bytes,
-        flush_client: Callable[[], None] | None = None,
+        client_cork: ClientCork | None = None,
     ) -> None:
         """Begin an exchange: send the request head; the body follows through L{write}."""
         self._exchange = exchange
@@ -194,7 +209,7 @@ class BackendConnection(Protocol):
         self.reusable = False
         self.received = False
         self.used += 1
-        self.flush_client = flush_client
+        self.client_cork = client_cork
         send_now(self.transport, head)
 
     def write(self, data: bytes) -> None:

@@ -407,6 +407,9 @@ class ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.broken is not None or self.closed or (self.closing and self.current is None):
             return  # the connection is ending: nothing more is read as HTTP
+        hold = getattr(self.transport, "hold", None)
+        if hold is not None:
+            hold()
         self._chunk = data
         if self._in_message:
             chunks = self._head_chunks
@@ -831,8 +834,9 @@ class Exchange:
     def _attach(self, conn: BackendConnection) -> None:
         self.backend = conn
         request = self.request
-        uncork = getattr(self.client.transport, "uncork", None)
-        conn.start(self, self._head(), request.method, uncork)
+        transport = self.client.transport
+        cork = transport if hasattr(transport, "uncork") else None
+        conn.start(self, self._head(), request.method, cork)
         self._backend_producer = _PauseClient(self.client)
         conn.transport.registerProducer(self._backend_producer, True)
         self._client_producer = _PauseBackend(self)

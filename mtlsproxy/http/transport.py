@@ -101,27 +101,38 @@ class CorkedTLSProtocol(TLSMemoryBIOProtocol):
         super().__init__(factory, wrappedProtocol, _connectWrapped)
         self._corked: list[bytes] = []
         self._flush_call: Any = None
+        #: a caller that will uncork when its event is handled has said so
+        self._held = False
         self._clock: IReactorTime = factory.clock
 
     def makeConnection(self, transport: Any) -> None:
         no_delay(transport)
         super().makeConnection(_DirectWrites(transport))
 
+    def hold(self) -> None:
+        """
+        The caller is handling an event and will call L{uncork} when done, in
+        a C{finally}: writes until then need no end-of-iteration flush (a
+        C{callLater} and its cancellation per response saved).
+        """
+        self._held = True
+
     def write(self, data: bytes) -> None:
         if not data:
             return
         self._corked.append(data)
-        if self._flush_call is None:
+        if self._flush_call is None and not self._held:
             self._flush_call = self._clock.callLater(0, self.uncork)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         corked = self._corked
         corked.extend(data)
-        if self._flush_call is None and corked:
+        if self._flush_call is None and corked and not self._held:
             self._flush_call = self._clock.callLater(0, self.uncork)
 
     def uncork(self) -> None:
         """Encrypt and send everything written since the last uncork."""
+        self._held = False
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
