@@ -1367,6 +1367,12 @@ def report(data: Data, lab: Lab, s: Settings, command: str, elapsed: float,
         w(f"| {f.label} | {spread(values(data, 'machine', f.key))} |")
     w("")
 
+    # The optimisation log is kept by hand (its figures come from other
+    # commands, each named there) and travels with every new table.
+    optimisations = BENCH / "optimisations.md"
+    if optimisations.exists():
+        w(optimisations.read_text().rstrip("\n") + "\n")
+
     w("## Problems seen\n")
     if anomalies:
         w("Errors, non-2xx answers, failed requests, unusual log lines, and anything else "
