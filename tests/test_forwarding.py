@@ -386,6 +386,45 @@ def test_backend_refusing_gets_502(client_cert: Any) -> None:
     assert not h.transport.disconnecting
 
 
+def test_body_held_while_connecting_does_not_leave_reading_paused(client_cert: Any) -> None:
+    """
+    A body that arrives while the backend connection is being made pauses
+    reading; when that connection fails (502), reading resumes: before, the
+    connection was never read again and leaked (found by the load test).
+    """
+    h = Harness(client_cert)
+    h.endpoint.hold = True
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert h.transport.producerState == "paused"
+    connecting, _ = h.endpoint.pending.pop()
+    connecting.errback(error.ConnectionRefusedError())
+    assert h.client_received().startswith(b"HTTP/1.1 502 ")
+    assert h.transport.producerState == "producing"
+
+
+@pytest.mark.parametrize("bad", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"])
+def test_refused_request_closes_with_reading_on_and_a_deadline(
+    client_cert: Any, bad: bytes
+) -> None:
+    """
+    After the proxy's own 400 the connection closes with reading resumed, so
+    that the client's close_notify and FIN are seen; a client that never
+    closes is aborted after --idle-timeout. Before, every 400 leaked its
+    connection (reading stayed paused, no timer).
+    """
+    h = Harness(client_cert)
+    aborted: list[bool] = []
+    h.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    h.send(bad)
+    assert h.client_received().startswith(b"HTTP/1.1 400 ")
+    assert h.transport.disconnecting
+    assert h.transport.producerState == "producing"
+    h.clock.advance(SETTINGS.idle_timeout - 1)
+    assert aborted == []
+    h.clock.advance(1)
+    assert aborted == [True]
+
+
 def test_backend_silence_gets_504(client_cert: Any) -> None:
     """No response headers within --backend-timeout: 504, and the backend connection is dropped."""
     h = Harness(client_cert)

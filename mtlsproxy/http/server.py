@@ -350,6 +350,27 @@ class ClientConnection(Protocol):
         if self._timer is None or not self._timer.active():
             self._timer = self.clock.callLater(self.settings.idle_timeout, self._idle_timed_out)
 
+    def _lose(self) -> None:
+        """
+        Close after what has been written: TLS sends its close_notify and
+        waits for the client's, so reading must go on (whatever paused it), or
+        neither that reply nor the client's FIN is ever seen and the connection
+        stays open for good.  A client that never closes is cut off after
+        --idle-timeout.
+        """
+        if self._pauses and not self.closed:
+            self._pauses.clear()
+            self.transport.resumeProducing()
+        self.transport.loseConnection()
+        if not self.closed:
+            self._cancel_timer()
+            self._timer = self.clock.callLater(self.settings.idle_timeout, self._abort_closing)
+
+    def _abort_closing(self) -> None:
+        self._timer = None
+        if not self.closed:
+            self.transport.abortConnection()
+
     def _idle_timed_out(self) -> None:
         self._timer = None
         if self.current is not None or self.closing:
@@ -362,7 +383,7 @@ class ClientConnection(Protocol):
             log.info("closing {peer}: request headers not received in time", peer=self.peer)
             self._send_error(408, "request headers not received in time")
         else:
-            self.transport.loseConnection()
+            self._lose()
 
     # -- reading from the client ------------------------------------------
 
@@ -626,8 +647,12 @@ class ClientConnection(Protocol):
         """Called by the exchange once the response has been written in full."""
         self.current = None
         self.exchange = None
+        # A body that arrived while the backend connection was being made is
+        # held with reading paused; if that connection failed, nothing else
+        # resumes it.
+        self.resume("body-wait")
         if not keep_alive or self.closed or self.factory.draining:
-            self.transport.loseConnection()
+            self._lose()
             return
         if self.queue:
             self._start_next()
@@ -641,7 +666,7 @@ class ClientConnection(Protocol):
                 log.info("refused {peer}: {reason}", peer=self.peer, reason=reason)
                 self._send_error(status, reason)
             else:
-                self.transport.loseConnection()
+                self._lose()
             return
         self._arm_idle()
 
@@ -657,7 +682,7 @@ class ClientConnection(Protocol):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
             + body
         )
-        self.transport.loseConnection()
+        self._lose()
 
 
 @implementer(IPushProducer)
