@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.protocol import Factory
+
 from .test_forwarding import Harness, client_cert  # noqa: F401 - client_cert is a fixture
 
 FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
@@ -47,3 +49,38 @@ def test_rest_of_a_read_never_answers_a_pipelined_request(client_cert: Any) -> N
     h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", index=1)
     assert h.client_received().endswith(b"\r\n\r\nok")
     assert b"SMUGGLED" not in h.client_received()
+
+
+def test_backend_addresses_need_no_resolver() -> None:
+    """
+    An IP address in --backend is connected to directly (no getaddrinfo in a
+    thread, and a refused connection reported at once, not at
+    HostnameEndpoint's next attempt); a name goes through HostnameEndpoint.
+    """
+    from twisted.internet.endpoints import (
+        HostnameEndpoint,
+        TCP4ClientEndpoint,
+        TCP6ClientEndpoint,
+        UNIXClientEndpoint,
+    )
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mtlsproxy.config import parse_backend
+    from mtlsproxy.http.backend import backend_endpoint
+
+    reactor = MemoryReactorClock()
+    kinds = {
+        url: type(backend_endpoint(reactor, parse_backend(url), 5.0))
+        for url in ("http://127.0.0.1:8080", "http://[::1]:8080", "http://app.internal:80",
+                    "unix:/run/app.sock")
+    }
+    assert kinds == {
+        "http://127.0.0.1:8080": TCP4ClientEndpoint,
+        "http://[::1]:8080": TCP6ClientEndpoint,
+        "http://app.internal:80": HostnameEndpoint,
+        "unix:/run/app.sock": UNIXClientEndpoint,
+    }
+    endpoint = backend_endpoint(reactor, parse_backend("http://[::1]:8080"), 5.0)
+    endpoint.connect(Factory())
+    host, port, _factory, timeout, _bind = reactor.tcpClients[-1]
+    assert (host, port, timeout) == ("::1", 8080, 5.0)
