@@ -65,6 +65,17 @@ IDENTITY_HEADERS = (
 )
 
 
+def terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after C{grace} seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class WaitTimeout(AssertionError):
     """A condition polled by L{wait_for} did not come true in time."""
 
@@ -740,13 +751,7 @@ class Backend:
         return self.request_log.read_text(encoding="ascii").splitlines()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         if self._socket_dir is not None:
