@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what bench/run.py needs besides the virtualenv: nginx, HAProxy, ab (apache2-utils),
-# openssl, taskset (util-linux) and curl. Debian/Ubuntu, as root or through sudo.
+# Installs what bench/run.py needs: nginx, HAProxy, ab (apache2-utils), openssl, taskset
+# (util-linux) and curl from Debian/Ubuntu packages (as root or through sudo), and, in a fresh
+# clone, the virtualenv .venv with mtlsproxy installed (bench/run.py runs the twistd next to it).
 #
 #   bash bench/setup.sh
 #
@@ -20,5 +21,11 @@ if [ ${#missing[@]} -eq 0 ]; then
 else
   "${sudo[@]}" apt-get update
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${missing[@]}"
+fi
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/twistd ] || [ ! -x .venv/bin/mtlsproxy ]; then
+  MTLSPROXY_WITH_KEYTOOL=0 bash scripts/system-deps.sh  # python3-venv on a fresh Debian
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check ".[test]"
 fi
 echo "next: .venv/bin/python bench/run.py [--rounds 3] [--quick]"
