@@ -43,7 +43,11 @@ def normalise(name: bytes) -> bytes:
 
 def is_reserved(name: bytes) -> bool:
     """True for headers that only mtlsproxy may send to the backend."""
-    n = normalise(name)
+    return _is_reserved_lower(name.lower())
+
+
+def _is_reserved_lower(lower: bytes) -> bool:
+    n = lower.replace(b"_", b"-")
     return n.startswith(_RESERVED_PREFIXES) or n in _RESERVED_EXACT
 
 
@@ -88,7 +92,7 @@ def request_headers_for_backend(
         if (
             _is_hop_by_hop(lower, connection)
             or lower in (b"expect", b"content-length")
-            or is_reserved(name)
+            or _is_reserved_lower(lower)
         ):
             continue
         kept.append((name, value))
@@ -99,8 +103,9 @@ def response_headers_for_client(
     headers: Iterable[tuple[bytes, bytes]], connection: frozenset[bytes]
 ) -> Headers:
     """The backend's end-to-end headers; framing is redone by the proxy for the client hop."""
-    return [
-        (name, value)
-        for name, value in headers
-        if not _is_hop_by_hop(name.lower(), connection) and name.lower() != b"content-length"
-    ]
+    kept: Headers = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower != b"content-length" and not _is_hop_by_hop(lower, connection):
+            kept.append((name, value))
+    return kept

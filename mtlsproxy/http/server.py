@@ -135,6 +135,8 @@ class Request:
         "started",
         "backend_version",
         "host_generated",
+        "connection",
+        "host",
     )
 
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers) -> None:
@@ -151,6 +153,10 @@ class Request:
         self.started = 0.0
         #: the proxy added Host (an HTTP/1.0 request without one)
         self.host_generated = False
+        #: the options of the Connection header(s), lower case
+        self.connection: frozenset[bytes] = frozenset()
+        #: the Host value forwarded (the client's, the target's authority, or made up)
+        self.host = b""
 
     @property
     def body_pending(self) -> bool:
@@ -528,7 +534,7 @@ class ClientConnection(Protocol):
         # Trailer fields of a chunked body arrive through on_header too: they
         # must never join the head already taken (RFC 9110 6.5.2).
         self._headers = []
-        tokens = connection_tokens(request.headers)
+        tokens = request.connection = connection_tokens(request.headers)
         if version == b"1.1":
             request.keep_alive = b"close" not in tokens
         else:
@@ -580,6 +586,8 @@ class ClientConnection(Protocol):
                 raise _BadRequest("invalid authority in the request target")
             request.headers = [(n, v) for n, v in request.headers if n.lower() != b"host"]
             request.headers.append((b"Host", authority))
+            host = authority
+        request.host = host
         if request.method == b"CONNECT":
             raise _BadRequest("CONNECT is not supported")
         if upgrade and (request.chunked or request.content_length):
@@ -833,13 +841,9 @@ class Exchange:
 
     def _head(self) -> bytes:
         request = self.request
-        connection = connection_tokens(request.headers)
-        headers = request_headers_for_backend(request.headers, connection)
+        headers = request_headers_for_backend(request.headers, request.connection)
         client = self.client
-        host = b""
-        for name, value in request.headers:
-            if name.lower() == b"host":
-                host = value
+        host = request.host
         parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts += [name, b": ", value, b"\r\n"]
