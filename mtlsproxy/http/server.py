@@ -52,7 +52,13 @@ from ..identity import (
 from ..logformat import ACCESS_FORMAT, ACCESS_NAMESPACE
 from ..metrics import Metrics
 from ..policy import Policy, parse_target
-from .backend import BackendConnection, BackendPool, Headers, connect_error_reason
+from .backend import (
+    BackendConnection,
+    BackendPool,
+    ClientCork,
+    Headers,
+    connect_error_reason,
+)
 from .headers import (
     connection_tokens,
     normalise,
@@ -218,6 +224,8 @@ class ClientConnection(Protocol):
         self.peer = "-"
         self.identity: ClientIdentity | None = None
         self.identity_headers: Headers = []
+        #: the transport when it corks writes (set at connectionMade)
+        self.cork: ClientCork | None = None
         #: the CN as the access log writes it (percent-encoded), once per connection
         self.log_cn = "-"
         self.handshake_done = False
@@ -244,6 +252,9 @@ class ClientConnection(Protocol):
     # -- connection life --------------------------------------------------
 
     def connectionMade(self) -> None:
+        # The TLS transport corks writes (http/transport.py); in-memory test
+        # transports do not.
+        self.cork = self.transport if hasattr(self.transport, "uncork") else None
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else str(peer)
@@ -434,9 +445,9 @@ class ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.broken is not None or self.closed or (self.closing and self.current is None):
             return  # the connection is ending: nothing more is read as HTTP
-        hold = getattr(self.transport, "hold", None)
-        if hold is not None:
-            hold()
+        cork = self.cork
+        if cork is not None:
+            cork.hold()
         self._chunk = data
         if self._in_message:
             chunks = self._head_chunks
@@ -447,9 +458,8 @@ class ClientConnection(Protocol):
             self._feed(data)
         finally:
             self._chunk = b""  # an idle connection keeps no request bytes alive
-            uncork = getattr(self.transport, "uncork", None)
-            if uncork is not None:
-                uncork()
+            if cork is not None:
+                cork.uncork()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -863,9 +873,7 @@ class Exchange:
     def _attach(self, conn: BackendConnection) -> None:
         self.backend = conn
         request = self.request
-        transport = self.client.transport
-        cork = transport if hasattr(transport, "uncork") else None
-        conn.start(self, self._head(), request.method, cork)
+        conn.start(self, self._head(), request.method, self.client.cork)
         self._backend_producer = _PauseClient(self.client)
         conn.transport.registerProducer(self._backend_producer, True)
         self._client_producer = _PauseBackend(self)
