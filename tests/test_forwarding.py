@@ -9,6 +9,7 @@ certificate, as the TLS transport does once the handshake is complete.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -601,21 +602,25 @@ def test_client_that_stops_reading_is_dropped(client_cert: Any) -> None:
     assert h.backend.transport.disconnecting
 
 
+class Port:
+    """The listening port as ProxyFactory sees it: accepting or not."""
+
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def _with_max_connections(limit: int) -> ProxySettings:
+    return dataclasses.replace(SETTINGS, max_connections=limit)
+
+
 def test_max_connections_pauses_accepting(client_cert: Any) -> None:
     """At --max-connections open clients the listening port stops accepting; below, it resumes."""
-    settings = ProxySettings(
-        handshake_timeout=10, idle_timeout=60, backend_timeout=30, max_header_bytes=4096,
-        client_auth_required=True, max_connections=2,
-    )
-
-    class Port:
-        reading = True
-
-        def stopReading(self) -> None:
-            self.reading = False
-
-        def startReading(self) -> None:
-            self.reading = True
+    settings = _with_max_connections(2)
 
     first = Harness(client_cert, settings)
     factory = first.factory
@@ -636,19 +641,7 @@ def test_at_max_connections_the_oldest_unfinished_handshake_gives_way(
     (and logged as refused) instead of accepting pausing; verified clients
     are never dropped, and with no handshake left to drop accepting pauses.
     """
-    settings = ProxySettings(
-        handshake_timeout=10, idle_timeout=60, backend_timeout=30, max_header_bytes=4096,
-        client_auth_required=True, max_connections=3,
-    )
-
-    class Port:
-        reading = True
-
-        def stopReading(self) -> None:
-            self.reading = False
-
-        def startReading(self) -> None:
-            self.reading = True
+    settings = _with_max_connections(3)
 
     verified = Harness(client_cert, settings)
     factory = verified.factory

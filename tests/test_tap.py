@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,17 @@ def test_systemd_listen_without_activation_is_a_listen_error(pki: dict[str, str]
         make_service(config, MemoryReactor()).listen()
 
 
+@contextlib.contextmanager
+def signals_restored() -> Iterator[None]:
+    """privilegedStartService installs SIGTERM/SIGHUP handlers: put the test runner's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 def test_sigterm_is_handled_before_the_listening_line(pki: dict[str, str]) -> None:
     """
     A supervisor may send SIGTERM the instant it reads "listening on": the
@@ -152,14 +165,11 @@ def test_sigterm_is_handled_before_the_listening_line(pki: dict[str, str]) -> No
         return real_listen()
 
     service.listen = listen  # type: ignore[method-assign]
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    before = signal.getsignal(signal.SIGTERM)
+    with signals_restored():
         service.privilegedStartService()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     assert len(seen) == 1
-    assert seen[0] not in (signal.SIG_DFL, saved[signal.SIGTERM])
+    assert seen[0] not in (signal.SIG_DFL, before)
 
 
 @pytest.mark.parametrize(
@@ -187,11 +197,7 @@ def test_listening_port_gets_the_backlog(pki: dict[str, str]) -> None:
     )
     reactor = MemoryReactor()
     service = make_service(config, reactor)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with signals_restored():
         service.privilegedStartService()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     (port, _factory, backlog, interface), = reactor.tcpServers
     assert (port, backlog, interface) == (0, 511, "127.0.0.1")
