@@ -418,6 +418,10 @@ class RawBackend:
             thread.start()
             self._threads.append(thread)
 
+    def _mark(self, conn: RawConnection, how: str) -> None:
+        with self._lock:
+            conn.closed, conn.how = True, how
+
     def _serve(self, sock: socket.socket, conn: RawConnection) -> None:
         sock.settimeout(0.2)
         try:
@@ -427,16 +431,13 @@ class RawBackend:
                 except TimeoutError:
                     continue
                 except ConnectionResetError:
-                    with self._lock:
-                        conn.closed, conn.how = True, "reset"
+                    self._mark(conn, "reset")
                     return
                 except OSError:
-                    with self._lock:
-                        conn.closed, conn.how = True, "error"
+                    self._mark(conn, "error")
                     return
                 if not data:
-                    with self._lock:
-                        conn.closed, conn.how = True, "eof"
+                    self._mark(conn, "eof")
                     return
                 with self._lock:
                     conn.data += data
@@ -444,25 +445,16 @@ class RawBackend:
                     answered = conn.answered
                 requests, _, error = split_requests(snapshot)
                 due = len(requests) if self.respond_early else sum(r.complete for r in requests)
-                try:
-                    for request in requests[answered:due]:
-                        if self.delay is not None:
-                            time.sleep(self.delay(request))
-                        response = self.response
-                        sock.sendall(response(request) if callable(response) else response)
-                except OSError:
+                for request in requests[answered:due]:
                     with self._lock:
-                        conn.closed, conn.how = True, "reset while answering"
-                    return
-                with self._lock:
-                    conn.answered = max(answered, due)
-                    if error is not None:
-                        conn.error = error
+                        conn.answered += 1
+                    if not self._answer(sock, conn, request):
+                        return
                 if error is not None:
                     # The stream cannot be read on: a real server would close here.
                     with self._lock:
-                        conn.closed, conn.how = True, "closed by backend: " + error
-                    sock.close()
+                        conn.error = error
+                    self._mark(conn, "closed by backend: " + error)
                     return
         finally:
             with self._lock:
@@ -472,3 +464,15 @@ class RawBackend:
                 sock.close()
             except OSError:
                 pass
+
+    def _answer(self, sock: socket.socket, conn: RawConnection, request: RawRequest) -> bool:
+        """Answer one request; False when the connection has ended."""
+        if self.delay is not None:
+            time.sleep(self.delay(request))
+        response = self.response
+        try:
+            sock.sendall(response(request) if callable(response) else response)
+        except OSError:
+            self._mark(conn, "reset while answering")
+            return False
+        return True

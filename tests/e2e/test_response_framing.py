@@ -56,7 +56,7 @@ from .harness import (
     wait_for,
 )
 from .harness import collect as harness_collect
-from .rawbackend import RawBackend, RawConnection, RawRequest, fixed_response, split_requests
+from .rawbackend import RawBackend, RawConnection, RawRequest, fixed_response
 
 pytestmark = pytest.mark.e2e
 
@@ -96,66 +96,23 @@ class ScriptedBackend(RawBackend):
         with self._lock:
             return self._scripts.get(request.target) or [fixed_response(request.target)]
 
-    def _mark(self, conn: RawConnection, how: str) -> None:
-        with self._lock:
-            conn.closed, conn.how = True, how
-
-    def _serve(self, sock: socket.socket, conn: RawConnection) -> None:
-        sock.settimeout(0.2)
-        try:
-            while not self._stopping.is_set():
+    def _answer(self, sock: socket.socket, conn: RawConnection, request: RawRequest) -> bool:
+        for step in self._steps(request):
+            if isinstance(step, threading.Event):
+                step.wait(15)
+            elif isinstance(step, bytes):
                 try:
-                    data = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                except ConnectionResetError:
-                    self._mark(conn, "reset")
-                    return
+                    sock.sendall(step)
                 except OSError:
-                    self._mark(conn, "error")
-                    return
-                if not data:
-                    self._mark(conn, "eof")
-                    return
-                with self._lock:
-                    conn.data += data
-                    snapshot = bytes(conn.data)
-                    answered = conn.answered
-                requests, _, error = split_requests(snapshot)
-                due = sum(r.complete for r in requests)
-                for request in requests[answered:due]:
-                    with self._lock:
-                        conn.answered += 1
-                    for step in self._steps(request):
-                        if isinstance(step, threading.Event):
-                            step.wait(15)
-                        elif isinstance(step, bytes):
-                            try:
-                                sock.sendall(step)
-                            except OSError:
-                                self._mark(conn, "reset while answering")
-                                return
-                        else:
-                            if step == RESET:
-                                sock.setsockopt(
-                                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                                )
-                            self._mark(conn, "closed by backend")
-                            sock.close()
-                            return
-                if error is not None:
-                    with self._lock:
-                        conn.error = error
-                    self._mark(conn, "closed by backend: " + error)
-                    return
-        finally:
-            with self._lock:
-                if sock in self._sockets:
-                    self._sockets.remove(sock)
-            try:
+                    self._mark(conn, "reset while answering")
+                    return False
+            else:
+                if step == RESET:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self._mark(conn, "closed by backend")
                 sock.close()
-            except OSError:
-                pass
+                return False
+        return True
 
 
 # -- the stack -------------------------------------------------------------------
