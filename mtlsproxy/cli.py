@@ -132,14 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     issue = pki_commands.add_parser(
         "issue",
         help="issue another server or client certificate from the CA in DIR",
-        description="Write NAME-cert.pem and NAME-key.pem (and NAME-keystore.p12 with "
-        "NAME-keystore.pass with --p12) signed by the CA in DIR.",
+        description="Write NAME-cert.pem and NAME-key.pem signed by the CA in DIR; with "
+        "--p12 also NAME-keystore.p12 with NAME-keystore.pass, and the CA's "
+        "server-truststore.p12 and client-truststore.p12 (with .pass files) if missing.  "
+        "For an IPv6 --server address, NAME in the file names has _ for : (::1 gives "
+        "__1-cert.pem).",
     )
     issue.add_argument("directory", metavar="DIR", type=Path)
     which = issue.add_mutually_exclusive_group(required=True)
     which.add_argument("--client", metavar="NAME", help="a client certificate with commonName NAME")
     which.add_argument(
-        "--server", metavar="NAME", help="a server certificate for the DNS name or address NAME"
+        "--server",
+        metavar="NAME",
+        help="a server certificate for the DNS name or IP address NAME",
     )
     issue.add_argument(
         "--server-name",
@@ -204,7 +209,7 @@ def _report(result: pki.IssueResult, out: TextIO, err: TextIO) -> None:
     for line in result.warnings:
         print(f"{PROG}: {line}", file=err)
     for path in result.removed:
-        print(f"removed {path} (it belonged to the replaced CA)", file=out)
+        print(f"removed {path} ({result.removed_why})", file=out)
     for path in result.written:
         print(f"wrote {path}", file=out)
     for entry in result.certificates:

@@ -245,15 +245,10 @@ def truststore_bytes(ca_cert: x509.Certificate, password: bytes) -> bytes:
     A plain certificate bag is not enough for Java: without Oracle's
     "trusted key usage" attribute keytool lists no entry at all and a JVM
     trusts nothing.  cryptography 45 added L{pkcs12.serialize_java_truststore}
-    for exactly this.
+    for exactly this, which is why setup.cfg requires it.
     """
     entry = pkcs12.PKCS12Certificate(ca_cert, b"ca")
-    serialize = getattr(pkcs12, "serialize_java_truststore", None)
-    if serialize is None:  # pragma: no cover - cryptography < 45
-        return pkcs12.serialize_key_and_certificates(
-            None, None, None, [entry], _pkcs12_encryption(password)
-        )
-    return bytes(serialize([entry], _pkcs12_encryption(password)))
+    return pkcs12.serialize_java_truststore([entry], _pkcs12_encryption(password))
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -623,21 +618,41 @@ def _build_ca(
     )
 
 
-def parse_server_name(name: str) -> x509.GeneralName:
+def parse_server_name(name: str, option: str = "--server-name") -> x509.GeneralName:
     """
     An IP address becomes an iPAddress SAN, anything else a dNSName: TLS
     clients match an address only against iPAddress entries, so the choice
     decides whether C{https://127.0.0.1/} works.
+
+    A name made only of numbers and dots (C{1.2.3.999}, C{10.1}, C{010.1.2.3})
+    is refused rather than taken as a DNS name: it was meant as an address,
+    and clients parse it as one (or fail to), so a dNSName for it would never
+    match anything.
+
+    @param option: the command-line option the name came from, for the message.
+    @raise PkiError: neither a usable DNS name nor an IP address.
     """
     try:
-        return x509.IPAddress(ipaddress.ip_address(name))
+        address = ipaddress.ip_address(name)
     except ValueError:
         pass
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            raise PkiError(
+                f"{option}: {name!r} has a zone index (%{address.scope_id}); certificates "
+                "cannot name one, give the address without it"
+            )
+        return x509.IPAddress(address)
     try:
         ascii_name = name.encode("idna").decode("ascii") if not name.isascii() else name
     except UnicodeError:
         ascii_name = ""
     labels = ascii_name.rstrip(".").split(".")
+    if ascii_name and all(label.isdigit() for label in labels):
+        raise PkiError(
+            f"{option}: {name!r} looks like an IPv4 address but is not a valid one "
+            "(four numbers 0-255 without leading zeros, like 192.0.2.7)"
+        )
     if labels and labels[0] == "*" and len(labels) > 2:
         labels = labels[1:]
     if (
@@ -645,15 +660,19 @@ def parse_server_name(name: str) -> x509.GeneralName:
         or len(ascii_name) > 253
         or not all(_DNS_LABEL_RE.match(label) for label in labels)
     ):
-        raise PkiError(f"--server-name: {name!r} is neither a DNS name nor an IP address")
+        raise PkiError(f"{option}: {name!r} is neither a DNS name nor an IP address")
     return x509.DNSName(ascii_name.rstrip(".").lower())
 
 
-def _server_sans(names: Sequence[str]) -> list[x509.GeneralName]:
-    """The subjectAltName entries for C{names}, in order, each once."""
+def _server_sans(names: Sequence[str], options: Sequence[str] = ()) -> list[x509.GeneralName]:
+    """
+    The subjectAltName entries for C{names}, in order, each once; C{options[i]}
+    names the option C{names[i]} came from (C{--server-name} when not given).
+    """
     sans: list[x509.GeneralName] = []
-    for name in names:
-        san = parse_server_name(name)
+    for i, name in enumerate(names):
+        option = options[i] if i < len(options) else "--server-name"
+        san = parse_server_name(name, option)
         if san not in sans:
             sans.append(san)
     return sans
@@ -747,7 +766,8 @@ class IssueResult:
     What L{init_pki} or L{issue} did.
 
     @ivar written: the files written, in order.
-    @ivar removed: files deleted because they belonged to a replaced CA.
+    @ivar removed: files deleted because they belonged to what was replaced.
+    @ivar removed_why: why, for the operator (the same for every removed file).
     @ivar certificates: index entries of the certificates made.
     @ivar warnings: lines for stderr (already prefixed with C{warning:}).
     """
@@ -756,6 +776,7 @@ class IssueResult:
     removed: list[Path] = field(default_factory=list)
     certificates: list[IndexEntry] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    removed_why: str = "it belonged to the replaced CA"
 
 
 def _leaf_outputs(
@@ -909,12 +930,76 @@ def init_pki(
 
 def _check_file_name(name: str, option: str) -> None:
     if not _FILE_NAME_RE.match(name):
+        hint = ""
+        if option == "--server":
+            hint = (
+                "; give the server a NAME that is, and add the name it needs with "
+                "--server-name (for example --server web --server-name NAME)"
+            )
         raise PkiError(
-            f"{option}: {name!r} cannot be used as a file name (letters, digits and . _ - @ + :"
-            " only, not starting with . or -)"
+            f"{option}: {name!r} cannot be used as a file name, and NAME names the files "
+            f"(NAME-cert.pem, NAME-key.pem): letters, digits and . _ - @ + : only, not "
+            f"starting with . or -{hint}"
         )
     if name == "ca":
         raise PkiError(f"{option}: 'ca' is reserved for the CA's own files")
+
+
+def _file_stem(kind: Literal["server", "client"], name: str) -> str:
+    """
+    The NAME part of C{NAME-cert.pem}: NAME itself, except that a server's IPv6
+    address is written in its short form with C{_} for C{:} (C{::1} gives
+    C{__1-cert.pem}).  A colon at the start is not a safe file name, and one
+    anywhere breaks C{curl --cert FILE:PASSWORD} and C{scp}.
+    """
+    if kind == "server":
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            pass
+        else:
+            return str(address).replace(":", "_")
+    return name
+
+
+def _truststore_pair_is_current(directory: Path, stem: str, ca_cert: x509.Certificate) -> bool:
+    """
+    Whether C{STEM-truststore.p12} opens with the password in C{STEM-truststore.pass}
+    and holds exactly this CA: then it must be left alone (deployed clients use it).
+    """
+    try:
+        password = (directory / f"{stem}-truststore.pass").read_bytes().rstrip(b"\r\n")
+        store = pkcs12.load_pkcs12((directory / f"{stem}-truststore.p12").read_bytes(), password)
+    except (OSError, ValueError):
+        return False
+    return [c.certificate for c in store.additional_certs] == [ca_cert]
+
+
+def _missing_truststore_outputs(
+    directory: Path, ca_cert: x509.Certificate, force: bool
+) -> list[_Output]:
+    """
+    The server and client truststores ``issue --p12`` must add: those missing,
+    so that a CA made without C{--p12} gets them too.  A complete store of this
+    CA is never rewritten, not even with C{force} (a new password would break
+    every client configured with the old one); a broken or foreign one, or half
+    a pair, is replaced only with C{force}.  Call with the directory locked.
+    """
+    outputs: list[_Output] = []
+    for stem in ("server", "client"):
+        names = (f"{stem}-truststore.p12", f"{stem}-truststore.pass")
+        present = [n for n in names if os.path.lexists(directory / n)]
+        if not present:
+            outputs += _truststore_outputs(ca_cert, stem)
+        elif not _truststore_pair_is_current(directory, stem, ca_cert):
+            if not force:
+                p12_path, pass_path = (directory / n for n in names)
+                raise PkiError(
+                    f"{p12_path}: missing, not opened by the password in {pass_path}, or not "
+                    f"holding this CA; refusing to overwrite (use --force to write both anew)"
+                )
+            outputs += _truststore_outputs(ca_cert, stem)
+    return outputs
 
 
 def issue(
@@ -934,18 +1019,27 @@ def issue(
     Files are C{NAME-cert.pem} and C{NAME-key.pem} (and C{NAME-keystore.p12}
     with C{NAME-keystore.pass} when C{p12}; the keystore's alias is NAME).
     For a server, NAME is the first subjectAltName and C{server_names} adds
-    more; for a client, NAME is the commonName.  Replacing a certificate with
-    C{force} does not revoke the old one: revoke it first (or by serial).
+    more; for a client, NAME is the commonName.  A server NAME may be an IP
+    address; an IPv6 one is written with C{_} for C{:} in the file names.
+
+    With C{p12}, the CA's C{server-truststore.p12} and C{client-truststore.p12}
+    (with C{.pass} files) are also written when missing, so that a CA made
+    without C{--p12} can still serve Java clients and C{--truststore}.
+
+    Replacing a certificate with C{force} does not revoke the old one: revoke
+    it first (or by serial).  It does remove C{NAME-keystore.p12} and its
+    C{.pass} when this run writes no keystore: they hold the old certificate.
 
     @raise PkiError: the CA is missing or broken, NAME is not usable, or a
         file exists and C{force} is false.
     """
     directory = Path(directory)
     option = f"--{kind}"
-    _check_file_name(name, option)
     if kind == "client" and server_names:
         raise PkiError("--server-name: only for --server certificates")
-    sans = _server_sans((name, *server_names)) if kind == "server" else []
+    sans = _server_sans((name, *server_names), (option,)) if kind == "server" else []
+    stem = _file_stem(kind, name)
+    _check_file_name(stem, option)
     default_days = SERVER_DAYS if kind == "server" else CLIENT_DAYS
     leaf_days = _positive_days(days if days is not None else default_days, "--days")
     ca = load_ca(directory)
@@ -953,7 +1047,7 @@ def issue(
     outputs, cert = _leaf_outputs(
         ca,
         kind=kind,
-        file_stem=name,
+        file_stem=stem,
         common_name=name,
         name_option=option,
         sans=sans,
@@ -963,10 +1057,22 @@ def issue(
         friendly_name=name,
         now=now,
     )
-    entry = IndexEntry.for_certificate(cert, kind, f"{name}-cert.pem")
+    entry = IndexEntry.for_certificate(cert, kind, f"{stem}-cert.pem")
     warnings = _validity_warnings(ca, kind, leaf_days, now)
-    result = IssueResult(certificates=[entry], warnings=warnings)
+    result = IssueResult(
+        certificates=[entry], warnings=warnings, removed_why="it held the replaced certificate"
+    )
     with _locked(directory):
+        if p12:
+            outputs += _missing_truststore_outputs(directory, ca.cert, force)
+        _check_overwrite(directory, [o.name for o in outputs], force)
+        # A keystore of the replaced certificate would still hand out the old
+        # certificate (and key) to whoever is configured with it.
+        stale_names = () if p12 or not force else (f"{stem}-keystore.p12", f"{stem}-keystore.pass")
+        for stale in (directory / n for n in stale_names):
+            if os.path.lexists(stale):
+                stale.unlink()
+                result.removed.append(stale)
         index = _load_index(directory)
         index.add(_ca_entry(ca))
         result.written = _write_outputs(directory, outputs, force)

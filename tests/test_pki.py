@@ -17,6 +17,7 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -416,6 +417,261 @@ def test_issue_rejects_unsafe_names(ca_dir: Path) -> None:
         assert status == 1, name
         assert "--client" in err
     assert not (ca_dir.parent / "evil-cert.pem").exists()
+
+
+def test_issue_server_by_ip_address_gets_safe_file_names(ca_dir: Path) -> None:
+    """
+    ``--server ::1`` is an IP SAN in files named with _ for : (a leading colon
+    is no file name, and any colon breaks curl --cert FILE:PASSWORD); an IPv4
+    address names its files as it is.
+    """
+    import ipaddress
+
+    status, out, err = run("pki", "issue", str(ca_dir), "--server", "::1")
+    assert status == 0, err
+    assert f"wrote {ca_dir / '__1-cert.pem'}" in out
+    cert = load_cert(ca_dir / "__1-cert.pem")
+    san = extension(cert, x509.SubjectAlternativeName).value
+    assert list(san) == [x509.IPAddress(ipaddress.ip_address("::1"))]
+    assert [e.file for e in pki.list_certificates(ca_dir)][-1] == "__1-cert.pem"
+    # The long form is the same address, so the same files.
+    status, _, err = run("pki", "issue", str(ca_dir), "--server", "0:0:0:0:0:0:0:1")
+    assert status == 1 and str(ca_dir / "__1-cert.pem") in err
+    status, _, err = run("pki", "issue", str(ca_dir), "--server", "2001:db8::7", "--p12")
+    assert status == 0, err
+    assert (ca_dir / "2001_db8__7-keystore.p12").exists()
+    status, _, err = run("pki", "issue", str(ca_dir), "--server", "192.0.2.7")
+    assert status == 0, err
+    assert (ca_dir / "192.0.2.7-cert.pem").exists()
+
+
+def test_issue_server_name_unusable_as_file_name_says_why_and_how(ca_dir: Path) -> None:
+    """A wildcard --server is refused naming the file-name rule and the --server-name way out."""
+    status, _, err = run("pki", "issue", str(ca_dir), "--server", "*.example.com")
+    assert status == 1
+    assert err.startswith("mtlsproxy: --server: '*.example.com' cannot be used as a file name")
+    assert "NAME-cert.pem" in err and "--server-name" in err and err.count("\n") == 1
+    assert (
+        run("pki", "issue", str(ca_dir), "--server", "web", "--server-name", "*.example.com")[0]
+        == 0
+    )
+
+
+@pytest.mark.parametrize("name", ["1.2.3.999", "10.1", "010.1.2.3", "256.0.0.1", "1.2.3.4."])
+def test_server_name_that_looks_like_a_bad_ipv4_address_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    """
+    All-numeric dotted names are not taken as DNS names: clients parse them as
+    addresses (or fail to), so a DNS SAN for them never matches.  Refused from
+    init --server-name, issue --server-name and issue --server alike.
+    """
+    status, _, err = run("pki", "init", str(tmp_path / "pki"), "--server-name", name)
+    assert status == 1
+    assert err == (
+        f"mtlsproxy: --server-name: {name!r} looks like an IPv4 address but is not a valid one "
+        "(four numbers 0-255 without leading zeros, like 192.0.2.7)\n"
+    )
+    assert not (tmp_path / "pki").exists()
+    directory = init(tmp_path / "pki")
+    status, _, err = run("pki", "issue", str(directory), "--server", name)
+    assert status == 1 and err.startswith(f"mtlsproxy: --server: {name!r} looks like an IPv4")
+    status, _, err = run("pki", "issue", str(directory), "--server", "ok", "--server-name", name)
+    assert status == 1 and err.startswith(f"mtlsproxy: --server-name: {name!r} looks like")
+
+
+def test_server_name_parsing() -> None:
+    """Valid addresses and DNS names pass; an IPv6 zone index cannot be certified."""
+    import ipaddress
+
+    assert pki.parse_server_name("192.0.2.7") == x509.IPAddress(ipaddress.ip_address("192.0.2.7"))
+    assert pki.parse_server_name("Host-1.Example.") == x509.DNSName("host-1.example")
+    assert pki.parse_server_name("*.example.com") == x509.DNSName("*.example.com")
+    assert pki.parse_server_name("db.123abc") == x509.DNSName("db.123abc")
+    with pytest.raises(pki.PkiError, match=r"^--server: 'fe80::1%eth0' has a zone index"):
+        pki.parse_server_name("fe80::1%eth0", "--server")
+
+
+def test_issue_key_type_and_days(ca_dir: Path) -> None:
+    """
+    issue takes --key-type and --days: an rsa4096 server (the one 4096-bit
+    key of the suite: it takes a while) with keyEncipherment, and an rsa2048
+    client valid for exactly 7 days.
+    """
+    status, _, err = run(
+        "pki", "issue", str(ca_dir), "--server", "big.example", "--key-type", "rsa4096",
+        "--days", "30",
+    )  # fmt: skip
+    assert status == 0, err
+    key = serialization.load_pem_private_key((ca_dir / "big.example-key.pem").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 4096
+    server = load_cert(ca_dir / "big.example-cert.pem")
+    assert extension(server, x509.KeyUsage).value.key_encipherment
+    period = server.not_valid_after_utc - server.not_valid_before_utc
+    assert period + datetime.timedelta(seconds=1) == datetime.timedelta(days=30)
+
+    status, _, err = run(
+        "pki", "issue", str(ca_dir), "--client", "dana", "--key-type", "rsa2048", "--days", "7"
+    )
+    assert status == 0, err
+    key = serialization.load_pem_private_key((ca_dir / "dana-key.pem").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+    client = load_cert(ca_dir / "dana-cert.pem")
+    period = client.not_valid_after_utc - client.not_valid_before_utc
+    assert period + datetime.timedelta(seconds=1) == datetime.timedelta(days=7)
+    # The CA stays what it was (EC): only the new leaf keys are RSA.
+    assert load_cert(ca_dir / "dana-cert.pem").signature_algorithm_oid == (
+        SignatureAlgorithmOID.ECDSA_WITH_SHA256
+    )
+
+
+def test_issue_force_without_p12_removes_the_stale_keystore(ca_dir: Path) -> None:
+    """
+    ``issue --force`` without --p12 after an earlier ``issue --p12`` removes
+    NAME-keystore.p12 and .pass: they held the replaced certificate and key,
+    and would go on handing them out.
+    """
+    assert run("pki", "issue", str(ca_dir), "--client", "bob", "--p12")[0] == 0
+    old = load_cert(ca_dir / "bob-cert.pem")
+    status, out, err = run("pki", "issue", str(ca_dir), "--client", "bob", "--force")
+    assert status == 0, err
+    assert f"removed {ca_dir / 'bob-keystore.p12'} (it held the replaced certificate)" in out
+    assert f"removed {ca_dir / 'bob-keystore.pass'}" in out
+    assert not (ca_dir / "bob-keystore.p12").exists()
+    assert not (ca_dir / "bob-keystore.pass").exists()
+    assert load_cert(ca_dir / "bob-cert.pem").serial_number != old.serial_number
+    # With --p12 the keystore is rewritten instead, holding the new certificate.
+    status, out, err = run("pki", "issue", str(ca_dir), "--client", "bob", "--p12", "--force")
+    assert status == 0, err
+    assert "removed" not in out
+    password = (ca_dir / "bob-keystore.pass").read_bytes().strip()
+    store = pkcs12.load_pkcs12((ca_dir / "bob-keystore.p12").read_bytes(), password)
+    assert store.cert is not None
+    assert store.cert.certificate == load_cert(ca_dir / "bob-cert.pem")
+
+
+def test_issue_refused_keeps_an_old_keystore(ca_dir: Path) -> None:
+    """Without --force nothing is removed: the refused run leaves the keystore in place."""
+    assert run("pki", "issue", str(ca_dir), "--client", "bob", "--p12")[0] == 0
+    before = (ca_dir / "bob-keystore.p12").read_bytes()
+    assert run("pki", "issue", str(ca_dir), "--client", "bob")[0] == 1
+    assert (ca_dir / "bob-keystore.p12").read_bytes() == before
+
+
+def test_issue_p12_adds_truststores_missing_from_a_ca_made_without_p12(ca_dir: Path) -> None:
+    """
+    After ``init`` without --p12, ``issue --client carol --p12`` also writes
+    server- and client-truststore.p12 (with .pass, mode 0600) holding the CA.
+    """
+    assert not list(ca_dir.glob("*-truststore.*"))
+    status, out, err = run("pki", "issue", str(ca_dir), "--client", "carol", "--p12")
+    assert status == 0, err
+    ca = load_cert(ca_dir / "ca-cert.pem")
+    for side in ("server", "client"):
+        assert f"wrote {ca_dir / f'{side}-truststore.p12'}" in out
+        pass_file = ca_dir / f"{side}-truststore.pass"
+        assert stat.S_IMODE(pass_file.stat().st_mode) == 0o600
+        password = pass_file.read_bytes().strip()
+        trust = pkcs12.load_pkcs12((ca_dir / f"{side}-truststore.p12").read_bytes(), password)
+        assert trust.key is None
+        assert [c.certificate for c in trust.additional_certs] == [ca]
+
+
+def test_issue_p12_never_rewrites_a_complete_truststore(tmp_path: Path) -> None:
+    """
+    Truststores that ``init --p12`` made stay byte for byte, even with --force:
+    a new password would break every client configured with the old one.
+    """
+    directory = init(tmp_path / "pki", "--p12")
+    names = [f"{s}-truststore.{e}" for s in ("server", "client") for e in ("p12", "pass")]
+    before = {n: (directory / n).read_bytes() for n in names}
+    for extra in ((), ("--force",)):
+        status, out, err = run("pki", "issue", str(directory), "--client", "carol", "--p12", *extra)
+        assert status == 0, err
+        assert "truststore" not in out
+    assert {n: (directory / n).read_bytes() for n in names} == before
+
+
+def test_issue_p12_refuses_half_a_truststore_pair_without_force(ca_dir: Path) -> None:
+    """
+    A truststore without its password file cannot be kept or silently
+    replaced: refused with a line naming both files; --force writes both anew.
+    """
+    (ca_dir / "client-truststore.p12").write_bytes(b"not pkcs12")
+    status, _, err = run("pki", "issue", str(ca_dir), "--client", "carol", "--p12")
+    assert status == 1
+    assert err.startswith(f"mtlsproxy: {ca_dir / 'client-truststore.p12'}: ")
+    assert str(ca_dir / "client-truststore.pass") in err and "--force" in err
+    assert err.count("\n") == 1
+    assert not (ca_dir / "carol-cert.pem").exists()
+    assert not (ca_dir / "server-truststore.p12").exists()
+    status, _, err = run("pki", "issue", str(ca_dir), "--client", "carol", "--p12", "--force")
+    assert status == 0, err
+    password = (ca_dir / "client-truststore.pass").read_bytes().strip()
+    trust = pkcs12.load_pkcs12((ca_dir / "client-truststore.p12").read_bytes(), password)
+    assert [c.certificate for c in trust.additional_certs] == [load_cert(ca_dir / "ca-cert.pem")]
+
+
+@needs_keytool
+def test_keytool_reads_the_stores_issue_p12_writes(ca_dir: Path) -> None:
+    """
+    keytool lists the keystore of ``issue --client carol --p12`` as one
+    PrivateKeyEntry aliased carol, and the truststores it added as trustedCertEntry.
+    """
+    status, _, err = run("pki", "issue", str(ca_dir), "--client", "carol", "--p12")
+    assert status == 0, err
+    listing = keytool_list(ca_dir / "carol-keystore.p12", ca_dir / "carol-keystore.pass")
+    entries = [line for line in listing.splitlines() if "PrivateKeyEntry" in line]
+    assert len(entries) == 1 and entries[0].startswith("carol,"), listing
+    for side in ("server", "client"):
+        listing = keytool_list(
+            ca_dir / f"{side}-truststore.p12", ca_dir / f"{side}-truststore.pass"
+        )
+        assert "trustedCertEntry" in listing, listing
+
+
+def test_modes_are_set_at_creation_even_with_umask_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    With umask 0 nothing masks a sloppy mode: every private file (keys,
+    keystores, .pass) is created 0600 by open() itself, never chmod-ed
+    afterwards, and public files are exactly 0644, the directory 0700.
+    """
+    created: dict[str, int] = {}
+    real_open = os.open
+
+    def recording_open(path: Any, flags: int, mode: int = 0o777, *args: Any, **kw: Any) -> int:
+        if flags & os.O_CREAT:
+            created[os.path.basename(os.fsdecode(path))] = mode
+        return real_open(path, flags, mode, *args, **kw)
+
+    def no_chmod(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"mode changed after creation: {args}")
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    directory = tmp_path / "pki"
+    previous = os.umask(0)
+    try:
+        init(directory, "--p12")
+        assert run("pki", "issue", str(directory), "--client", "carol", "--p12")[0] == 0
+        assert run("pki", "issue", str(directory), "--client", "carol", "--p12", "--force")[0] == 0
+        assert run("pki", "revoke", str(directory), str(directory / "carol-cert.pem"))[0] == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    private = {*PRIVATE_FILES, "server-keystore.p12", "client-keystore.p12"}
+    private |= {"carol-key.pem", "carol-keystore.p12", "carol-keystore.pass"}
+    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    assert private <= set(files)
+    for name, mode in files.items():
+        assert mode == (0o600 if name in private else 0o644), f"{name}: {mode:o}"
+    for name in private:
+        assert created[name] == 0o600, name
+    # --force wrote through temporary files: those too were created 0600.
+    assert {m for n, m in created.items() if n.startswith(".carol-key.pem.")} == {0o600}
 
 
 # --- pki revoke and list -------------------------------------------------------------------

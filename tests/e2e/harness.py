@@ -301,14 +301,9 @@ class Pki:
                 password = "truststore-secret"
                 path = self.dir / "server-truststore.p12"
                 encryption = serialization.BestAvailableEncryption(password.encode())
-                if hasattr(pkcs12, "serialize_java_truststore"):
-                    data = pkcs12.serialize_java_truststore(
-                        [pkcs12.PKCS12Certificate(self.ca.cert, b"mtlsproxy-e2e-ca")], encryption
-                    )
-                else:  # pragma: no cover - cryptography < 45
-                    data = pkcs12.serialize_key_and_certificates(
-                        None, None, None, [self.ca.cert], encryption
-                    )
+                data = pkcs12.serialize_java_truststore(
+                    [pkcs12.PKCS12Certificate(self.ca.cert, b"mtlsproxy-e2e-ca")], encryption
+                )
                 path.write_bytes(data)
                 self._cache["truststore"] = Store(path, password, self._password_file(
                     "server-truststore.pass", password))
