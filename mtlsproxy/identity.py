@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 # -- header names ---------------------------------------------------------
 
@@ -122,9 +122,139 @@ def _rfc4514_ascii(dn: str) -> str:
     return "".join(out)
 
 
+#: Attribute names as OpenSSL prints them (C{OBJ_nid2sn}, which nginx's
+#: C{$ssl_client_s_dn} and Envoy's XFCC Subject use), for the attributes
+#: cryptography only knows by number.  cryptography already writes CN, L,
+#: ST, O, OU, C, DC and UID the same way.
+OPENSSL_SHORT_NAMES: dict[ObjectIdentifier, str] = {
+    NameOID.STREET_ADDRESS: "street",
+    NameOID.SURNAME: "SN",
+    NameOID.GIVEN_NAME: "GN",
+    NameOID.SERIAL_NUMBER: "serialNumber",
+    NameOID.TITLE: "title",
+    NameOID.INITIALS: "initials",
+    NameOID.GENERATION_QUALIFIER: "generationQualifier",
+    NameOID.X500_UNIQUE_IDENTIFIER: "x500UniqueIdentifier",
+    NameOID.DN_QUALIFIER: "dnQualifier",
+    NameOID.PSEUDONYM: "pseudonym",
+    NameOID.EMAIL_ADDRESS: "emailAddress",
+    NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC",
+    NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME: "jurisdictionST",
+    NameOID.JURISDICTION_LOCALITY_NAME: "jurisdictionL",
+    NameOID.BUSINESS_CATEGORY: "businessCategory",
+    NameOID.POSTAL_ADDRESS: "postalAddress",
+    NameOID.POSTAL_CODE: "postalCode",
+    NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier",
+    NameOID.UNSTRUCTURED_NAME: "unstructuredName",
+    NameOID.INN: "INN",
+    NameOID.OGRN: "OGRN",
+    NameOID.SNILS: "SNILS",
+    ObjectIdentifier("2.5.4.13"): "description",
+    ObjectIdentifier("2.5.4.18"): "postOfficeBox",
+    ObjectIdentifier("2.5.4.41"): "name",
+    ObjectIdentifier("2.5.4.72"): "role",
+    ObjectIdentifier("1.2.840.113549.1.9.8"): "unstructuredAddress",
+}
+_CRYPTOGRAPHY_NAMES = frozenset(
+    {
+        NameOID.COMMON_NAME,
+        NameOID.LOCALITY_NAME,
+        NameOID.STATE_OR_PROVINCE_NAME,
+        NameOID.ORGANIZATION_NAME,
+        NameOID.ORGANIZATIONAL_UNIT_NAME,
+        NameOID.COUNTRY_NAME,
+        NameOID.DOMAIN_COMPONENT,
+        NameOID.USER_ID,
+    }
+)
+
+
+def _der_content(der: bytes) -> tuple[bytes, bytes]:
+    """The content of the first DER TLV of C{der}, and what follows it."""
+    if len(der) < 2:
+        raise ValueError("truncated DER")
+    first = der[1]
+    start = 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or len(der) < 2 + count:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(der[2 : 2 + count], "big")
+        start = 2 + count
+    end = start + length
+    if end > len(der):
+        raise ValueError("truncated DER")
+    return der[start:end], der[end:]
+
+
+def _attribute_value_der(attribute: x509.NameAttribute[Any]) -> bytes:
+    """
+    The DER of one attribute value, string type and all: cryptography keeps
+    the type, so a one-attribute name encoded by it holds exactly the
+    certificate's value (Name / SET / SEQUENCE / type OID, value).
+    """
+    name = x509.Name([x509.RelativeDistinguishedName([attribute])])
+    rdn, _ = _der_content(name.public_bytes())
+    pair, _ = _der_content(rdn)
+    pair_body, _ = _der_content(pair)
+    _, value = _der_content(pair_body)
+    return value
+
+
+def _attribute_string(attribute: x509.NameAttribute[Any]) -> str:
+    """
+    One C{type=value} of an RFC 4514 string, as OpenSSL writes it: the short
+    name where one is known, escaped text; else (an attribute type OpenSSL
+    has no name for, or a value that is not a string) the dotted OID or
+    name with C{#} and the hex of the value's DER, the only form RFC 4514
+    section 2.4 allows there.
+    """
+    oid = attribute.oid
+    name = OPENSSL_SHORT_NAMES.get(oid)
+    known = name is not None or oid in _CRYPTOGRAPHY_NAMES
+    if known and isinstance(attribute.value, str):
+        return attribute.rfc4514_string(OPENSSL_SHORT_NAMES)
+    try:
+        der = _attribute_value_der(attribute)
+    except (ValueError, TypeError):  # pragma: no cover - cryptography encodes what it decoded
+        text = attribute.value
+        raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        der = b"\x0c" + _der_length(len(raw)) + raw  # the same text as a UTF8String
+    return f"{name or attribute.rfc4514_attribute_name}=#{der.hex().upper()}"
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def dn_string(name: x509.Name) -> str:
+    """
+    A distinguished name as RFC 4514 text, most specific first, exactly as
+    OpenSSL's C{XN_FLAG_RFC2253} (so nginx and Envoy) writes it apart from
+    non-ASCII, which stays text here: C{emailAddress=}, C{serialNumber=},
+    C{GN=}, not the dotted OIDs with plain values cryptography writes, which
+    RFC 4514 does not allow (a dotted type needs a C{#hex} BER value).  Like
+    OpenSSL, the attributes of a multi-valued RDN are reversed too.
+
+    @raise ValueError: if cryptography cannot decode a value.
+    """
+    return ",".join(
+        "+".join(_attribute_string(attribute) for attribute in reversed(list(rdn)))
+        for rdn in reversed(name.rdns)
+    )
+
+
 def _uri_ascii(value: str) -> str:
-    """Percent-encode what may not appear in a URI (controls, space, non-ASCII, C{"})."""
-    return quote(value, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != '"'))
+    """
+    Percent-encode what may not appear in a URI (controls, space, non-ASCII,
+    C{"}, C{\\}): what is left never needs escaping inside XFCC quotes.
+    """
+    return quote(value, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\'))
 
 
 # -- the identity ---------------------------------------------------------
@@ -144,8 +274,10 @@ class ClientIdentity:
         With several CNs, the last one (the most specific in the usual
         most-significant-first order) is taken.
     @ivar ous: every organizational unit of the subject, in certificate order.
-    @ivar subject: the subject as an RFC 4514 string (C{CN=alice,OU=eng,O=Example}).
-    @ivar issuer: the issuer, RFC 4514.
+    @ivar subject: the subject as an RFC 4514 string as OpenSSL writes it
+        (C{CN=alice,emailAddress=alice@example.com,OU=eng,O=Example}; see
+        L{dn_string}).
+    @ivar issuer: the issuer, written the same way.
     @ivar serial: the serial number in upper-case hex, whole bytes (C{0A1B}),
         as OpenSSL and nginx print it; C{-} first for a (non-conforming)
         negative serial.
@@ -261,11 +393,11 @@ def identity_from_certificate(
                 _text(a.value)
                 for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
             )
-            subject = cert.subject.rfc4514_string()
+            subject = dn_string(cert.subject)
         except ValueError as e:
             raise UnreadableCertificate(f"subject unreadable: {e}") from None
         try:
-            issuer = cert.issuer.rfc4514_string()
+            issuer = dn_string(cert.issuer)
         except ValueError as e:
             raise UnreadableCertificate(f"issuer unreadable: {e}") from None
 
@@ -495,12 +627,15 @@ def xfcc_value(identity: ClientIdentity) -> bytes | None:
     Envoy's C{X-Forwarded-Client-Cert} element for this client.
 
     C{Hash=<sha256 hex>;Cert="<url-encoded PEM>";Subject="<RFC 4514>";URI=...;DNS=...}:
-    keys as Envoy sends them; a value holding C{,}, C{;}, C{=}, C{"}, C{\\}
-    or a space is double-quoted with C{\\} before C{"} and C{\\} (RFC 9110
-    quoted-string), Subject always; the subject's non-ASCII characters are
-    RFC 4514 C{\\XX} escapes and URIs and DNS names are percent-encoded
-    where they hold something a URI may not, so the value is printable
-    ASCII and the element cannot be split into two.
+    keys as Envoy sends them.  The Subject is the RFC 4514 string between
+    double quotes, verbatim, as Envoy writes OpenSSL's: RFC 4514 already
+    escapes C{"} and C{\\} inside values (C{\\"}, C{\\\\}), so the text is a
+    valid RFC 9110 quoted-string as it stands and a second escape would
+    only make it differ from Envoy's.  Its non-ASCII characters are RFC 4514
+    C{\\XX} escapes.  URIs and DNS names are percent-encoded where they hold
+    something a URI may not (C{"} and C{\\} included) and quoted when they
+    hold C{,}, C{;} or C{=}.  So the value is printable ASCII and the element
+    cannot be split into two.
     """
     if identity.fingerprint is None or identity.cert_pem is None:
         return None
@@ -521,10 +656,37 @@ def xfcc_value(identity: ClientIdentity) -> bytes | None:
     return ";".join(parts).encode("ascii")
 
 
+def _quoted_string_body(value: str) -> bool:
+    """
+    Whether C{value} between double quotes is a valid RFC 9110
+    quoted-string already: every C{"} is escaped and no C{\\} is left
+    dangling at the end.  True of every RFC 4514 string (which escapes
+    C{"} and C{\\} in values) and of every percent-encoded URI.
+    """
+    escaped = False
+    for c in value:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            return False
+    return not escaped
+
+
 def _xfcc_quote(value: str, always: bool = False) -> str:
-    if always or any(c in value for c in ',;=" \\'):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return value
+    """
+    Double-quote a value holding C{,}, C{;}, C{=}, C{"}, C{\\} or a space
+    (C{always}: whatever it holds), verbatim as Envoy does when the text is
+    already a valid quoted-string body; else (never for what L{xfcc_value}
+    passes) with C{\\} before C{"} and C{\\}, so the element can never be
+    split whatever the value.
+    """
+    if not always and not any(c in value for c in ',;=" \\'):
+        return value
+    if not _quoted_string_body(value):
+        value = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + value + '"'
 
 
 def identity_headers(

@@ -6,9 +6,12 @@ Two things make a path rule worth having, and both live here:
 
   - The path that is checked is the path the backend acts on.  The request
     target is normalised (RFC 3986 section 6.2.2 plus merged slashes), targets
-    that backends disagree about (C{%2F}, backslashes, NUL, C{..;}) are
-    refused outright, and the normalised target is what is forwarded, so no
-    spelling of C{/admin} reaches the backend unchecked.
+    that backends disagree about (C{%2F}, backslashes, NUL, C{..;}, C{/;x/})
+    are refused outright, and the normalised target is what is forwarded, so
+    no spelling of C{/admin} reaches the backend unchecked.  Where backends
+    still read one path differently (C{/admin;x} is C{/admin} to a servlet
+    container and C{admin;x} to most others; C{/admin.} is C{/admin} to
+    Windows), every reading is checked and every deciding rule must admit.
   - A DNS name in C{allow-san} matches with service-identity's RFC 6125
     rules, not a hand-written glob.
 
@@ -92,15 +95,61 @@ def _normalise_segment(raw: bytes) -> str | None:
     return out.decode("ascii")
 
 
+def _param_name(segment: str) -> str:
+    """
+    A normalised segment without its path parameters: what a servlet
+    container (Tomcat, Jetty, Spring) routes on.  They cut at a raw C{;};
+    a C{%3B} counts too, for frameworks that decode before they cut.
+    """
+    end = len(segment)
+    for mark in (";", "%3B"):
+        found = segment.find(mark)
+        if found >= 0:
+            end = min(end, found)
+    return segment[:end]
+
+
+def _windows_name(segment: str) -> str:
+    """A segment as Windows (IIS, a Windows file server) reads it: trailing dots and spaces go."""
+    while True:
+        if segment.endswith("."):
+            segment = segment[:-1]
+        elif segment.endswith("%20"):
+            segment = segment[:-3]
+        else:
+            return segment
+
+
+def _ambiguous_segment(segment: str) -> bool:
+    """
+    A segment that is not empty, C{.} or C{..} but that some backend reads as an
+    empty, C{.} or C{..} segment: its name before any parameters is empty or
+    only dots and spaces.  C{;x} (Tomcat drops it and merges the slashes
+    around it: C{/;x/admin} is C{/admin}), C{..;x} and C{%2e%2e;} (C{..} to
+    Tomcat), C{..%3Bx}, C{...} and C{%20} (Windows trims them to nothing).
+    """
+    return segment not in ("", ".", "..") and _windows_name(_param_name(segment)) == ""
+
+
+def asterisk_form_allowed(method: bytes, raw_target: bytes) -> bool:
+    """
+    RFC 9112 section 3.2.4: the asterisk-form target C{*} is only for a
+    server-wide C{OPTIONS}; C{GET *} means nothing a backend should be asked.
+    """
+    return raw_target != b"*" or method == b"OPTIONS"
+
+
 def parse_target(raw_target: bytes) -> Target | None:
     """
     Check and normalise a request target; C{None} means answer C{400}.
 
     Accepted: origin-form (C{/path?query}), absolute-form with C{http} or
-    C{https}, and C{*}.  Refused: any other form (C{CONNECT}'s authority-form,
-    other schemes), control characters, spaces, C{#}, a backslash, an invalid
-    C{%} escape, an encoded C{/} (C{%2F}), C{\\} (C{%5C}) or NUL (C{%00}), and
-    a dot segment carrying parameters (C{..;x}, which Tomcat reads as C{..}).
+    C{https}, and C{*} (see L{asterisk_form_allowed} for its method).
+    Refused: any other form (C{CONNECT}'s authority-form, other schemes),
+    control characters, spaces, C{#}, a backslash, an invalid C{%} escape, an
+    encoded C{/} (C{%2F}), C{\\} (C{%5C}) or NUL (C{%00}), and a segment
+    whose name before its parameters is empty or only dots and spaces
+    (C{;x}, C{..;x}, C{.;x}, C{...}, C{%20}; see L{_ambiguous_segment}).
 
     The path is then normalised: unreserved escapes decoded (C{%61} is C{a},
     C{%2E} is C{.}), other escapes in upper case, raw non-ASCII bytes
@@ -133,10 +182,7 @@ def parse_target(raw_target: bytes) -> Target | None:
     trailing = False
     for raw_segment in raw_segments:
         segment = _normalise_segment(raw_segment)
-        if segment is None:
-            return None
-        base = segment.split(";", 1)[0]
-        if base in (".", "..") and base != segment:
+        if segment is None or _ambiguous_segment(segment):
             return None
         trailing = segment in ("", ".", "..")
         if segment == "..":
@@ -174,7 +220,10 @@ def normalise_rule_path(value: str) -> str:
     raw = value.encode("utf-8", "surrogatepass")
     target = parse_target(raw)
     if target is None:
-        raise ValueError(f"{value!r} is not a valid path (%2F, %00, \\ and spaces are refused)")
+        raise ValueError(
+            f"{value!r} is not a valid path (%2F, %00, \\, spaces and segments of only dots "
+            "are refused)"
+        )
     normal = target.path.rstrip("/") or "/"
     given = _normalise_segment(raw)
     if given is None or given.rstrip("/") != normal.rstrip("/"):
@@ -188,13 +237,24 @@ def _segments(path: str) -> tuple[str, ...]:
     return tuple(s for s in path.split("/") if s)
 
 
-def _segment_matches(request: str, rule: str) -> bool:
+def readings(path: str) -> tuple[tuple[str, ...], ...]:
     """
-    A request segment is under a rule segment when equal, or equal up to
-    path parameters (C{admin;jsessionid=1}, C{admin%3Bx}): servlet
-    containers strip those before routing, so C{/admin;x} is C{/admin} to them.
+    The segments of a normalised path as the backends in use read it,
+    without repeats, the plain reading first: as written (most frameworks:
+    C{admin;x} is a name of its own), without path parameters (servlet
+    containers: C{admin;x} is C{admin}), with trailing dots and spaces
+    trimmed (Windows: C{admin.} is C{admin}), and both.  L{parse_target}
+    has refused every segment that one of them would empty, so each reading
+    has as many segments as the path.
     """
-    return request == rule or request.startswith((rule + ";", rule + "%3B"))
+    plain = _segments(path)
+    servlet = tuple(_param_name(s) for s in plain)
+    found: list[tuple[str, ...]] = []
+    for reading in (plain, servlet, tuple(map(_windows_name, plain)),
+                    tuple(map(_windows_name, servlet))):
+        if reading not in found:
+            found.append(reading)
+    return tuple(found)
 
 
 # -- SAN patterns ---------------------------------------------------------
@@ -373,13 +433,19 @@ class Decision:
     @ivar allowed: forward, or answer C{403}.
     @ivar reason: one line for the log, printable ASCII (certificate text is
         percent-encoded); starts with C{not allowed} when refused.
-    @ivar rule_path: the prefix of the deciding C{[[rule]]}, or C{""} for the
-        listener-wide rule.
+    @ivar rule_path: the prefix of the deciding C{[[rule]]} (when refused, the
+        one that refused; when several readings decide, the most specific),
+        or C{""} for the listener-wide rule.
     """
 
     allowed: bool
     reason: str
     rule_path: str
+
+
+def _specificity(rule: AllowRule) -> int:
+    """Segments in a rule's path; the listener rule is below every path rule."""
+    return -1 if rule.path is None else len(_segments(rule.path))
 
 
 def _describe(identity: ClientIdentity | None) -> str:
@@ -396,12 +462,17 @@ class Policy:
     The listener-wide rule and the per-path rules.
 
     For a request, the C{[[rule]]} whose path is the longest prefix of the
-    request path, compared on whole segments, decides alone: it replaces the
+    request path, compared on whole segments, decides: it replaces the
     listener rule below its prefix, whether it is narrower or wider.  Without
     a matching C{[[rule]]}, the listener rule decides.  A rule without any
     C{allow-*} entry admits every client the handshake accepted, including
     one without a certificate under C{--client-auth optional}; a rule with
     entries never admits such a client.
+
+    A path that backends read in more than one way (see L{readings}) is
+    decided by the rule of every reading, and forwarded only if all of them
+    admit the client: C{/admin;x} must pass both the C{/admin} rule (as a
+    servlet container routes it) and the rule above it (as others do).
     """
 
     listener: AllowRule = AllowRule()
@@ -421,16 +492,25 @@ class Policy:
         """Whether any request could be refused at all."""
         return self.listener.restricts or any(r.restricts for r in self.rules)
 
-    def rule_for(self, path: str) -> AllowRule:
-        """The rule that decides for a normalised path."""
-        segments = _segments(path)
+    def _rule_for_segments(self, segments: tuple[str, ...]) -> AllowRule:
         for rule in self.rules:
             prefix = _segments(rule.path or "/")
-            if len(prefix) <= len(segments) and all(
-                _segment_matches(s, p) for s, p in zip(segments, prefix, strict=False)
-            ):
+            if segments[: len(prefix)] == prefix:
                 return rule
         return self.listener
+
+    def rules_for(self, path: str) -> tuple[AllowRule, ...]:
+        """Every rule that decides for a normalised path: one per reading, without repeats."""
+        found: list[AllowRule] = []
+        for segments in readings(path):
+            rule = self._rule_for_segments(segments)
+            if rule not in found:
+                found.append(rule)
+        return tuple(found)
+
+    def rule_for(self, path: str) -> AllowRule:
+        """The most specific of L{rules_for}: the rule that protects this path."""
+        return max(self.rules_for(path), key=_specificity)
 
     def decide(self, identity: ClientIdentity | None, path: str) -> Decision:
         """
@@ -440,16 +520,19 @@ class Policy:
             certificate (C{--client-auth optional}).
         @param path: the path from L{parse_target}, never the raw target.
         """
-        rule = self.rule_for(path)
-        rule_path = rule.path or ""
-        if not rule.restricts:
-            return Decision(True, f"{rule.where} admits every verified client", rule_path)
-        entry = rule.match(identity)
-        if entry is not None:
-            return Decision(True, f"{rule.where}: {entry}", rule_path)
-        return Decision(
-            False,
-            f"not allowed: {_describe(identity)} matches no allow-cn, allow-ou or allow-san "
-            f"of {rule.where}",
-            rule_path,
-        )
+        admitted: list[tuple[AllowRule, str]] = []
+        for rule in self.rules_for(path):
+            if not rule.restricts:
+                admitted.append((rule, f"{rule.where} admits every verified client"))
+                continue
+            entry = rule.match(identity)
+            if entry is None:
+                return Decision(
+                    False,
+                    f"not allowed: {_describe(identity)} matches no allow-cn, allow-ou or "
+                    f"allow-san of {rule.where}",
+                    rule.path or "",
+                )
+            admitted.append((rule, f"{rule.where}: {entry}"))
+        deciding = max((rule for rule, _ in admitted), key=_specificity)
+        return Decision(True, "; ".join(reason for _, reason in admitted), deciding.path or "")

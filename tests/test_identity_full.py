@@ -12,9 +12,12 @@ import base64
 import datetime
 import ipaddress
 import re
+import shutil
+import subprocess
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes
 
 import pytest
@@ -42,6 +45,7 @@ from mtlsproxy.identity import (
     HeaderSettings,
     IdentityCache,
     UnreadableCertificate,
+    _xfcc_quote,  # the guard itself, for values xfcc_value never makes
     encode_header_value,
     identity_from_certificate,
     identity_from_connection,
@@ -54,6 +58,7 @@ from mtlsproxy.identity import (
 
 from . import certfactory
 from .certfactory import Issued
+from .e2e.extra_certs import parse_xfcc
 
 A = x509.NameAttribute
 ALL = HeaderSettings()
@@ -327,37 +332,6 @@ def test_rfc9440_without_chain_sends_no_chain_header() -> None:
     assert list(headers) == [b"Client-Cert"]
 
 
-def parse_xfcc(value: str) -> list[tuple[str, str]]:
-    """A strict parser of one XFCC element: key=value;... with RFC 9110 quoted strings."""
-    pairs: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(value):
-        key, eq, _ = value[pos:].partition("=")
-        assert eq and re.fullmatch(r"[A-Za-z]+", key)
-        pos += len(key) + 1
-        if value[pos : pos + 1] == '"':
-            pos += 1
-            out = []
-            while value[pos] != '"':
-                if value[pos] == "\\":
-                    pos += 1
-                out.append(value[pos])
-                pos += 1
-            pos += 1
-            text = "".join(out)
-        else:
-            end = value.find(";", pos)
-            end = len(value) if end < 0 else end
-            text = value[pos:end]
-            assert not any(c in text for c in ',="\\')
-            pos = end
-        pairs.append((key, text))
-        if pos < len(value):
-            assert value[pos] in ";"
-            pos += 1
-    return pairs
-
-
 def test_forward_cert_xfcc_is_envoy_format() -> None:
     """Hash, Cert, Subject, URI and DNS keys, as Envoy writes them."""
     issued = client(
@@ -383,19 +357,234 @@ def test_forward_cert_xfcc_is_envoy_format() -> None:
 
 
 def test_xfcc_quotes_what_would_split_it() -> None:
-    """Quotes, commas, semicolons and = in a subject or URI stay inside one quoted value."""
+    """
+    Quotes, commas, semicolons, = and backslashes in a subject or URI stay
+    inside one quoted value.  The Subject is the RFC 4514 string between
+    quotes, byte for byte as Envoy writes OpenSSL's (RFC 4514 has escaped
+    the quote and the backslash already, nothing is escaped twice); a URI
+    has its quote and backslash percent-encoded, so it needs no escape.
+    """
     issued = client(
         'a"b,c;d=e\\f',
-        sans=[x509.UniformResourceIdentifier('spiffe://x/a;b=c,d"e')],
+        sans=[x509.UniformResourceIdentifier('spiffe://x/a;b=c,d"e\\g')],
     )
     identity = identity_from_certificate(issued.cert)
     value = xfcc_value(identity)
     assert value is not None
+    assert b';Subject="CN=a\\"b\\,c\\;d=e\\\\f";URI="spiffe://x/a;b=c,d%22e%5Cg"' in value
     pairs = parse_xfcc(value.decode())
     assert [k for k, _ in pairs] == ["Hash", "Cert", "Subject", "URI"]
     fields = dict(pairs)
     assert fields["Subject"] == identity.subject == 'CN=a\\"b\\,c\\;d=e\\\\f'
-    assert fields["URI"] == "spiffe://x/a;b=c,d%22e"
+    assert fields["URI"] == "spiffe://x/a;b=c,d%22e%5Cg"
+
+
+def test_a_subject_ending_in_a_backslash_still_ends_its_quotes() -> None:
+    """
+    CN "x\\" is RFC 4514 C{CN=x\\\\}: the closing quote after it is not
+    escaped, so a URI SAN after it that looks like another key stays a URI.
+    """
+    issued = client("x\\", sans=[x509.UniformResourceIdentifier('spiffe://a;URI="spiffe://admin')])
+    value = xfcc_value(identity_from_certificate(issued.cert))
+    assert value is not None
+    pairs = parse_xfcc(value.decode())
+    assert pairs[2:] == [("Subject", "CN=x\\\\"), ("URI", "spiffe://a;URI=%22spiffe://admin")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "quoted"),
+    [
+        ("plain", "plain"),
+        ("a;b", '"a;b"'),
+        ('CN=a\\"b', '"CN=a\\"b"'),
+        ("CN=a\\\\", '"CN=a\\\\"'),
+        ('a"b', '"a\\"b"'),
+        ("a\\", '"a\\\\"'),
+        ('a\\\\"b', '"a\\\\\\\\\\"b"'),
+    ],
+)
+def test_xfcc_quoting_is_verbatim_only_when_that_is_safe(raw: str, quoted: str) -> None:
+    """
+    A value that is already a valid quoted-string body (every quote escaped,
+    no dangling backslash) is quoted verbatim, as Envoy does; anything else
+    (never produced by xfcc_value, guarded all the same) gets RFC 9110
+    escapes, so no value can end its quotes early.
+    """
+    assert _xfcc_quote(raw) == quoted
+    pairs = parse_xfcc("K=" + quoted)
+    assert len(pairs) == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=30),
+    st.text(st.characters(max_codepoint=0x7F), max_size=30),
+)
+def test_xfcc_element_never_splits(cn: str, uri_tail: str) -> None:
+    """
+    Whatever the CN (any text) and URI SAN (any ASCII, as cryptography
+    allows) hold, quotes, commas, semicolons, =, backslashes and controls
+    included: one element, printable ASCII, exactly
+    the keys Hash, Cert, Subject, URI, and the Subject is the RFC 4514 text.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        attribute = A(NameOID.COMMON_NAME, cn, _validate=False)
+    issued = client(None, attributes=[attribute],
+                    sans=[x509.UniformResourceIdentifier("spiffe://x/" + uri_tail)])
+    identity = identity_from_certificate(issued.cert)
+    value = xfcc_value(identity)
+    assert value is not None and all(0x20 <= b < 0x7F for b in value)
+    pairs = parse_xfcc(value.decode())
+    assert [k for k, _ in pairs] == ["Hash", "Cert", "Subject", "URI"]
+    assert identity.subject is not None
+    assert dict(pairs)["Subject"] == rfc4514_ascii(identity.subject)
+
+
+def rfc4514_ascii(dn: str) -> str:
+    """docs/identity.md: non-ASCII and controls as RFC 4514 \\XX UTF-8 escapes."""
+    return "".join(
+        ch if 0x20 <= ord(ch) < 0x7F else "".join(f"\\{b:02X}" for b in ch.encode("utf-8"))
+        for ch in dn
+    )
+
+
+# -- subject and issuer: RFC 4514 as OpenSSL writes it ---------------------
+
+O = x509.ObjectIdentifier  # noqa: E741
+
+#: Every attribute docs/identity.md names, with what X-Client-Cert-Subject shows.
+NAMED_ATTRIBUTES = [
+    (A(NameOID.COUNTRY_NAME, "DE"), "C=DE"),
+    (A(NameOID.STATE_OR_PROVINCE_NAME, "Bayern"), "ST=Bayern"),
+    (A(NameOID.LOCALITY_NAME, "Munich"), "L=Munich"),
+    (A(NameOID.STREET_ADDRESS, "Main St 1"), "street=Main St 1"),
+    (A(NameOID.POSTAL_CODE, "80331"), "postalCode=80331"),
+    (A(NameOID.ORGANIZATION_NAME, "Example"), "O=Example"),
+    (A(NameOID.ORGANIZATIONAL_UNIT_NAME, "eng"), "OU=eng"),
+    (A(NameOID.TITLE, "Dr"), "title=Dr"),
+    (A(NameOID.SURNAME, "Smith"), "SN=Smith"),
+    (A(NameOID.GIVEN_NAME, "Jo"), "GN=Jo"),
+    (A(NameOID.INITIALS, "J"), "initials=J"),
+    (A(NameOID.GENERATION_QUALIFIER, "III"), "generationQualifier=III"),
+    (A(NameOID.DN_QUALIFIER, "q1"), "dnQualifier=q1"),
+    (A(NameOID.PSEUDONYM, "ps"), "pseudonym=ps"),
+    (A(NameOID.SERIAL_NUMBER, "123"), "serialNumber=123"),
+    (A(NameOID.BUSINESS_CATEGORY, "Private Organization"),
+     "businessCategory=Private Organization"),
+    (A(NameOID.JURISDICTION_COUNTRY_NAME, "DE"), "jurisdictionC=DE"),
+    (A(NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME, "BY"), "jurisdictionST=BY"),
+    (A(NameOID.JURISDICTION_LOCALITY_NAME, "Munich"), "jurisdictionL=Munich"),
+    (A(NameOID.DOMAIN_COMPONENT, "com"), "DC=com"),
+    (A(NameOID.USER_ID, "u1"), "UID=u1"),
+    (A(NameOID.ORGANIZATION_IDENTIFIER, "VATDE-1"), "organizationIdentifier=VATDE-1"),
+    (A(NameOID.UNSTRUCTURED_NAME, "un"), "unstructuredName=un"),
+    (A(NameOID.POSTAL_ADDRESS, "pa"), "postalAddress=pa"),
+    (A(O("2.5.4.13"), "descr"), "description=descr"),
+    (A(O("2.5.4.72"), "role"), "role=role"),
+    (A(NameOID.EMAIL_ADDRESS, "alice@example.com"), "emailAddress=alice@example.com"),
+    (A(NameOID.COMMON_NAME, "alice"), "CN=alice"),
+]
+#: Types OpenSSL has no name for: dotted OID and #hex of the value's DER (RFC 4514 2.4).
+UNNAMED_ATTRIBUTES = [
+    (A(O("1.2.3.4.5"), 'x,"y'), "1.2.3.4.5=#0C04782C2279"),
+    (A(O("1.2.3.4.6"), "J\u00fc", _type=_ASN1Type.BMPString), "1.2.3.4.6=#1E04004A00FC"),
+    (A(O("1.2.3.4.7"), "a", _type=_ASN1Type.PrintableString), "1.2.3.4.7=#130161"),
+    (A(O("1.2.3.4.8"), "x" * 200), "1.2.3.4.8=#0C81C8" + "78" * 200),
+]
+
+
+def test_subject_uses_openssls_names_and_hex_for_unknown_types() -> None:
+    """
+    emailAddress=, serialNumber=, GN=, SN=, title=, jurisdictionC= and the
+    rest as OpenSSL prints them (not 1.2.840.113549.1.9.1=a@b.c, which
+    RFC 4514 does not allow), most specific first; an attribute type without
+    a name is its dotted OID with #hex of the DER value, its string type kept.
+    """
+    attributes = [a for a, _ in NAMED_ATTRIBUTES + UNNAMED_ATTRIBUTES]
+    identity = identity_from_certificate(client(None, attributes=attributes).cert)
+    expected = [text for _, text in reversed(NAMED_ATTRIBUTES + UNNAMED_ATTRIBUTES)]
+    assert identity.subject == ",".join(expected)
+    assert "1.2.840.113549" not in headers_of(identity)[b"X-Client-Cert-Subject"].decode()
+
+
+def test_issuer_uses_the_same_names() -> None:
+    """The issuer's emailAddress is written the same way."""
+    ca = certfactory.make_ca("Example CA")
+    inter = certfactory.make_intermediate(ca, "Issuing CA")
+    issued = client(issuer=inter)
+    assert identity_from_certificate(issued.cert).issuer == "CN=Issuing CA"
+    key = certfactory.new_key()
+    name = x509.Name([A(NameOID.EMAIL_ADDRESS, "ca@example.com"), A(NameOID.COMMON_NAME, "CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([A(NameOID.COMMON_NAME, "s")]))
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(certfactory.days_ago(1))
+        .not_valid_after(certfactory.days_ahead(1))
+        .sign(key, hashes.SHA256())
+    )
+    assert identity_from_certificate(cert).issuer == "CN=CA,emailAddress=ca@example.com"
+
+
+def test_multi_valued_rdn_is_written_in_openssls_order() -> None:
+    """OU=s+CN=j in an RDN is written as OpenSSL's XN_FLAG_RFC2253 writes it, reversed too."""
+    name = x509.Name([
+        x509.RelativeDistinguishedName([A(NameOID.ORGANIZATIONAL_UNIT_NAME, "s"),
+                                        A(NameOID.COMMON_NAME, "j")]),
+        x509.RelativeDistinguishedName([A(NameOID.ORGANIZATION_NAME, "o")]),
+    ])
+    key = certfactory.new_key()
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(certfactory.days_ago(1)).not_valid_after(certfactory.days_ahead(1))
+        .sign(key, hashes.SHA256())
+    )
+    reparsed = x509.load_der_x509_certificate(cert.public_bytes(Encoding.DER))
+    assert identity_from_certificate(reparsed).subject == "O=o,OU=s+CN=j"
+
+
+def _openssl_subject(cert: x509.Certificate, tmp_path: Path) -> str:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    path = tmp_path / "cert.pem"
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    result = subprocess.run(
+        [openssl, "x509", "-in", str(path), "-noout", "-subject", "-nameopt", "RFC2253"],
+        capture_output=True, check=True,
+    )
+    out = result.stdout.decode("ascii")
+    assert out.startswith("subject=") and out.endswith("\n")
+    return out[len("subject="):-1]
+
+
+OPENSSL_SUBJECTS = {
+    "every named attribute": [a for a, _ in NAMED_ATTRIBUTES],
+    "unnamed types": [a for a, _ in UNNAMED_ATTRIBUTES] + [A(NameOID.COMMON_NAME, "x")],
+    "escapes": [A(NameOID.COMMON_NAME, 'a"b,c;d=e\\f<g>+h#'),
+                A(NameOID.EMAIL_ADDRESS, "a\"b@c")],
+    "edges": [A(NameOID.ORGANIZATION_NAME, " o "), A(NameOID.COMMON_NAME, "#x")],
+    "controls": [A(NameOID.COMMON_NAME, "alice\x00.evil\r\nX: 1")],
+    "non-ASCII": [A(NameOID.ORGANIZATIONAL_UNIT_NAME, "J\u00fcrgen \u2603",
+                    _type=_ASN1Type.BMPString),
+                  A(NameOID.COMMON_NAME, "\U0001d11e", _type=_ASN1Type.UniversalString)],
+}
+
+
+@pytest.mark.parametrize("label", sorted(OPENSSL_SUBJECTS))
+def test_subject_is_what_openssl_prints(label: str, tmp_path: Path) -> None:
+    """
+    The reference: `openssl x509 -nameopt RFC2253` (what nginx and Envoy
+    show) prints the same DN, once non-ASCII is written as \\XX as XFCC does.
+    """
+    cert = client(None, attributes=OPENSSL_SUBJECTS[label]).cert
+    identity = identity_from_certificate(cert)
+    assert identity.subject is not None
+    assert rfc4514_ascii(identity.subject) == _openssl_subject(cert, tmp_path)
 
 
 # -- header names ---------------------------------------------------------

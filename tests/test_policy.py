@@ -11,7 +11,7 @@ import re
 from urllib.parse import unquote
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mtlsproxy.identity import ClientIdentity
@@ -20,6 +20,7 @@ from mtlsproxy.policy import (
     Decision,
     Policy,
     SanPattern,
+    asterisk_form_allowed,
     normalise_path,
     normalise_rule_path,
     parse_san_pattern,
@@ -55,7 +56,10 @@ def who(
         (b"/a/b/..", "/a/"),
         (b"/a/b/.", "/a/b/"),
         (b"/a..b/c", "/a..b/c"),
-        (b"/...", "/..."),
+        (b"/wiki/U.S./x", "/wiki/U.S./x"),
+        (b"/a%20b%20/c", "/a%20b%20/c"),
+        (b"/admin;/x", "/admin;/x"),
+        (b"/admin;a;b/x;y", "/admin;a;b/x;y"),
         (b"/%7Euser", "/~user"),
         (b"/caf%c3%a9", "/caf%C3%A9"),
         (b"/caf\xc3\xa9", "/caf%C3%A9"),
@@ -99,11 +103,37 @@ def test_normalised_paths(raw: bytes, path: str) -> None:
         b"/x/..;/admin",
         b"/x/.;x/admin",
         b"/x/%2e%2e;/admin",
+        b"/..;/admin",
+        b"/admin/..;/x",
+        b"/admin/.;/x",
+        b"/x/..%3B/admin",
+        b"/x/%2e%2e%3b/admin",
+        b"/;x/admin",
+        b"/;/admin",
+        b"/;",
+        b"/;x",
+        b"/admin/;/audit",
+        b"/admin/;x/audit",
+        b"/admin/;jsessionid=1",
+        b"/%3Bx/admin",
+        b"/%3badmin",
+        b"/...",
+        b"/x/.../admin",
+        b"/x/%2e%2e%2e/admin",
+        b"/%20/admin",
+        b"/x/..%20/admin",
+        b"/x/.%20./admin",
+        b"/x/..%20;y/admin",
         b"/admin#frag",
     ],
 )
 def test_refused_targets(raw: bytes) -> None:
-    """Encoded slash or backslash, NUL, controls, bad escapes, ..; and odd forms: 400."""
+    """
+    Encoded slash or backslash, NUL, controls, bad escapes, odd forms, and
+    segments whose name before parameters is empty or only dots and spaces
+    (Tomcat reads /;x/admin as /admin and /x/..;/admin as /admin; Windows
+    trims "..." and "%20" to nothing): 400.
+    """
     assert parse_target(raw) is None
     assert normalise_path(raw) is None
 
@@ -133,8 +163,11 @@ def test_absolute_form_is_forwarded_in_origin_form_with_its_authority() -> None:
 
 _PATH_BYTES = st.lists(
     st.sampled_from(
-        [b"a", b"admin", b".", b"..", b"%2e", b"%2E%2e", b"", b"%61", b"x;y", b"%41",
-         b"%zz", b"%2F", b"\xc3\xa9", b"~", b"%7E", b"..;", b"%", b"a%20b"]
+        [b"a", b"admin", b"public", b".", b"..", b"%2e", b"%2E%2e", b"", b"%61", b"x;y", b"%41",
+         b"%zz", b"%2F", b"\xc3\xa9", b"~", b"%7E", b"..;", b"%", b"a%20b", b";x", b";",
+         b"admin;", b"admin;x", b"public;x", b"%3B", b"%3Bx", b"admin%3Bx", b"..%3B",
+         b"%2e%2e;", b".;", b"admin.", b"admin%2e", b"admin%20", b"admin.%20", b"public.",
+         b"...", b"%20", b".%20", b"*"]
     ),
     max_size=8,
 ).map(lambda parts: b"/" + b"/".join(parts))
@@ -158,25 +191,132 @@ def test_normalised_paths_are_canonical(raw: bytes) -> None:
     assert again is not None and again.path == path and again.forward == target.forward
 
 
+# What backends make of a raw path: models of the readings the policy must cover.
+
+
+def _resolve(segments: list[str]) -> list[str]:
+    """Merge empty segments, resolve . and .. (above the root stays at the root)."""
+    out: list[str] = []
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg not in ("", "."):
+            out.append(seg)
+    return out
+
+
+def _raw_path(raw: bytes) -> str:
+    return raw.partition(b"?")[0].decode("latin-1")
+
+
+def tomcat_view(raw: bytes) -> list[str]:
+    """
+    Tomcat (CoyoteAdapter): cut C{;params} off every raw segment, then
+    percent-decode, then normalise: C{/;x/admin} is C{/admin}, C{..;} is C{..}.
+    """
+    cut = [seg.split(";", 1)[0] for seg in _raw_path(raw).split("/")]
+    return _resolve(unquote("/".join(cut)).split("/"))
+
+
+def decode_first_view(raw: bytes) -> list[str]:
+    """A framework that decodes first, then drops C{;params}: C{%3B} cuts too."""
+    return _resolve([seg.split(";", 1)[0] for seg in unquote(_raw_path(raw)).split("/")])
+
+
+def plain_view(raw: bytes) -> list[str]:
+    """Most frameworks (WSGI, Go, Node): decode and resolve; C{admin;x} is a name of its own."""
+    return _resolve(unquote(_raw_path(raw)).split("/"))
+
+
+def _windows_trim(seg: str) -> str:
+    return seg if seg in (".", "..") else seg.rstrip(". ")
+
+
+def windows_view(raw: bytes) -> list[str]:
+    """IIS and Windows file servers: trailing dots and spaces of each name are trimmed."""
+    return _resolve([_windows_trim(seg) for seg in unquote(_raw_path(raw)).split("/")])
+
+
+def tomcat_on_windows_view(raw: bytes) -> list[str]:
+    """Tomcat serving files from an NTFS directory: both."""
+    cut = [seg.split(";", 1)[0] for seg in _raw_path(raw).split("/")]
+    return _resolve([_windows_trim(seg) for seg in unquote("/".join(cut)).split("/")])
+
+
+BACKENDS = [tomcat_view, decode_first_view, plain_view, windows_view, tomcat_on_windows_view]
+
+
+@settings(max_examples=1500, deadline=None)
 @given(_PATH_BYTES)
+@example(b"/;x/admin")
+@example(b"/%3Bx/admin")
+@example(b"/x/..%3B/admin")
+@example(b"/admin./x")
+@example(b"/x/...%20/../admin")
 def test_no_spelling_of_admin_escapes_the_admin_rule(raw: bytes) -> None:
     """
-    If a backend that decodes and resolves the path (as most do) would land
-    under /admin, the proxy either refuses the target or applies the /admin rule.
+    If any modelled backend (Tomcat, decode-then-cut, plain, Windows) would
+    land under /admin, the proxy either refuses the target or applies the
+    /admin rule, so alice is refused.
     """
     policy = Policy(rules=(AllowRule.build("/admin", allow_cn=["root"]),))
     target = parse_target(raw)
-    decoded = unquote(raw.decode("latin-1"))
-    segments: list[str] = []
-    for seg in decoded.split("/"):
-        if seg == "..":
-            if segments:
-                segments.pop()
-        elif seg not in ("", "."):
-            segments.append(seg)
-    backend_sees_admin = bool(segments) and segments[0].split(";")[0] == "admin"
-    if backend_sees_admin and target is not None:
-        assert policy.rule_for(target.path).path == "/admin"
+    if target is None:
+        return
+    under_admin = [view.__name__ for view in BACKENDS if view(raw)[:1] == ["admin"]]
+    if under_admin:
+        assert policy.rule_for(target.path).path == "/admin", under_admin
+        assert not policy.decide(who("alice"), target.path).allowed, under_admin
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_PATH_BYTES)
+@example(b"/public;x/secret")
+@example(b"/public%3Bx")
+@example(b"/public./x")
+@example(b"/public/;x/../../secret")
+def test_no_spelling_escapes_into_a_wider_rule(raw: bytes) -> None:
+    """
+    The other direction: /public is open, everything else is root's.  If any
+    modelled backend would land outside /public, alice is refused: an open
+    rule must not lend itself to /public;x/secret (a plain backend's
+    "public;x") or /public./x read the other way round.
+    """
+    policy = Policy(
+        listener=AllowRule.build(allow_cn=["root"]), rules=(AllowRule.build("/public"),)
+    )
+    target = parse_target(raw)
+    if target is None:
+        return
+    outside = [view.__name__ for view in BACKENDS if view(raw)[:1] != ["public"]]
+    if outside:
+        assert not policy.decide(who("alice"), target.path).allowed, outside
+    else:
+        assert policy.decide(who("alice"), target.path).allowed
+
+
+@pytest.mark.parametrize(
+    ("raw", "view", "seen"),
+    [
+        (b"/;x/admin", tomcat_view, ["admin"]),
+        (b"/admin/;/audit", tomcat_view, ["admin", "audit"]),
+        (b"/x/..;/admin", tomcat_view, ["admin"]),
+        (b"/x/%2e%2e;/admin", tomcat_view, ["admin"]),
+        (b"/%3Bx/admin", tomcat_view, [";x", "admin"]),
+        (b"/%3Bx/admin", decode_first_view, ["admin"]),
+        (b"/admin;x/y", plain_view, ["admin;x", "y"]),
+        (b"/admin%2e/y", windows_view, ["admin", "y"]),
+        (b"/x/...%20/admin", windows_view, ["x", "admin"]),
+        (b"/admin/..", windows_view, []),
+        (b"/x/..%20/admin", windows_view, ["x", "admin"]),
+    ],
+)
+def test_the_backend_models_are_what_the_property_tests_rely_on(
+    raw: bytes, view: object, seen: list[str]
+) -> None:
+    """The models themselves: Tomcat cuts raw ;params before decoding, and so on."""
+    assert callable(view) and view(raw) == seen
 
 
 # -- rule paths -----------------------------------------------------------
@@ -202,6 +342,7 @@ def test_rule_paths(value: str, normal: str) -> None:
         ("/admin;x", "plain path"),
         ("/a%2Fb", "not a valid path"),
         ("/a b", "not a valid path"),
+        ("/a/...", "segments of only dots"),
     ],
 )
 def test_bad_rule_paths(value: str, message: str) -> None:
@@ -224,6 +365,11 @@ ADMIN = Policy(rules=(AllowRule.build("/admin", allow_cn=["root"]),))
         ("/admin/users/1", "/admin"),
         ("/admin;jsessionid=1/x", "/admin"),
         ("/admin%3Bx", "/admin"),
+        ("/admin;/x", "/admin"),
+        ("/admin.", "/admin"),
+        ("/admin%20/x", "/admin"),
+        ("/admin..%20./x", "/admin"),
+        ("/admin.;x/y", "/admin"),
         ("/administrator", None),
         ("/admins", None),
         ("/Admin", None),
@@ -235,6 +381,75 @@ ADMIN = Policy(rules=(AllowRule.build("/admin", allow_cn=["root"]),))
 def test_prefix_matches_whole_segments(path: str, rule: str | None) -> None:
     """/admin covers /admin and below (and /admin;params), not /administrator."""
     assert ADMIN.rule_for(path).path == rule
+
+
+@pytest.mark.parametrize(
+    ("path", "rules"),
+    [
+        ("/admin/x", ["/admin"]),
+        ("/admin;x/y", [None, "/admin"]),
+        ("/admin.", [None, "/admin"]),
+        ("/admin%20", [None, "/admin"]),
+        ("/admin.;x", [None, "/admin"]),
+        ("/administrator;x", [None]),
+        ("/x/admin;y", [None]),
+    ],
+)
+def test_every_reading_names_its_rule(path: str, rules: list[str | None]) -> None:
+    """
+    A path with parameters, or a name ending in dots or spaces, is read two
+    ways (as written, and as a servlet container or Windows reads it):
+    both readings' rules decide.
+    """
+    assert [r.path for r in ADMIN.rules_for(path)] == rules
+
+
+def test_every_deciding_rule_must_admit() -> None:
+    """
+    /admin;x is /admin to Tomcat and "admin;x" to a WSGI app: root (admitted
+    only by the /admin rule) and alice (only by the listener rule) are both
+    refused there, a client both rules admit passes, and the log names the
+    rule that refused.
+    """
+    policy = Policy(
+        listener=AllowRule.build(allow_cn=["alice", "both"]),
+        rules=(AllowRule.build("/admin", allow_cn=["root", "both"]),),
+    )
+    refused_alice = policy.decide(who("alice"), "/admin;x/y")
+    assert not refused_alice.allowed and refused_alice.rule_path == "/admin"
+    assert refused_alice.reason.endswith("of rule /admin")
+    refused_root = policy.decide(who("root"), "/admin;x/y")
+    assert not refused_root.allowed and refused_root.rule_path == ""
+    assert refused_root.reason.endswith("of the listener rule")
+    allowed = policy.decide(who("both"), "/admin;x/y")
+    assert allowed == Decision(
+        True, "the listener rule: allow-cn both; rule /admin: allow-cn both", "/admin"
+    )
+    assert policy.decide(who("root"), "/admin/x").allowed
+    assert not policy.decide(who("root"), "/admin./x").allowed
+    assert not policy.decide(who("alice"), "/admin./x").allowed
+
+
+def test_an_open_rule_does_not_open_what_a_plain_backend_reads_elsewhere() -> None:
+    """/public;x/secret is "public;x" to most backends: the listener rule decides too."""
+    policy = Policy(
+        listener=AllowRule.build(allow_cn=["root"]), rules=(AllowRule.build("/public"),)
+    )
+    assert policy.decide(who("mallory"), "/public/x").allowed
+    for path in ("/public;x/secret", "/public./secret", "/public%20/secret"):
+        decision = policy.decide(who("mallory"), path)
+        assert not decision.allowed and decision.reason.endswith("of the listener rule"), path
+    assert policy.decide(who("root"), "/public;x/secret").allowed
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "allowed"),
+    [(b"OPTIONS", b"*", True), (b"GET", b"*", False), (b"POST", b"*", False),
+     (b"options", b"*", False), (b"GET", b"/*", True), (b"GET", b"/", True)],
+)
+def test_asterisk_form_is_for_options_only(method: bytes, target: bytes, allowed: bool) -> None:
+    """RFC 9112 3.2.4: "*" only with OPTIONS (methods are case-sensitive); "/*" is a path."""
+    assert asterisk_form_allowed(method, target) is allowed
 
 
 def test_longest_prefix_decides() -> None:

@@ -51,7 +51,7 @@ from ..identity import (
 )
 from ..logformat import ACCESS_FORMAT, ACCESS_NAMESPACE
 from ..metrics import Metrics
-from ..policy import Policy, parse_target
+from ..policy import Policy, asterisk_form_allowed, parse_target
 from .backend import (
     BackendConnection,
     BackendPool,
@@ -600,6 +600,8 @@ class ClientConnection(Protocol):
         request.host = host
         if request.method == b"CONNECT":
             raise _BadRequest("CONNECT is not supported")
+        if not asterisk_form_allowed(request.method, request.target):
+            raise _BadRequest("asterisk-form target (*) with a method other than OPTIONS")
         if upgrade and (request.chunked or request.content_length):
             # llhttp ends an Upgrade request at its head: a declared body would
             # reach the backend as the start of the next request.

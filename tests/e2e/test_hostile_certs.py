@@ -19,6 +19,7 @@ certificate to present it; tests/test_identity_full.py covers them in memory.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import ssl
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ pytestmark = [
 
 TLS_VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 CN_OID = NameOID.COMMON_NAME
+OU_OID = NameOID.ORGANIZATIONAL_UNIT_NAME
 
 MODE_HEADERS = {
     "none": [],
@@ -120,6 +122,17 @@ FORWARDED = [
     Hostile("no-cn", name(A(NameOID.ORGANIZATION_NAME, "Ex")), None, subject_header="O=Ex"),
     Hostile("crlf-ou", name(A(NameOID.ORGANIZATIONAL_UNIT_NAME, "eng\r\nX: 1"), cn("alice")),
             "alice", subject_header="CN=alice,OU=eng%0D%0AX: 1"),
+    Hostile("quotes-ou", name(A(OU_OID, 'a"b\\c'), cn("alice")), "alice",
+            subject_header='CN=alice,OU=a\\"b\\\\c'),
+    Hostile("comma-ou", name(A(OU_OID, "eng,OU=admins"), cn("alice")), "alice",
+            subject_header="CN=alice,OU=eng\\,OU=admins"),
+    Hostile("nul-ou", name(A(OU_OID, "eng\x00admins"), cn("alice")), "alice",
+            subject_header="CN=alice,OU=eng\\00admins"),
+    Hostile("utf8-ou", name(A(OU_OID, "R\u00e9seau \u2603"), cn("alice")), "alice",
+            subject_header="CN=alice,OU=R%C3%A9seau %E2%98%83"),
+    Hostile("bmpstring-ou",
+            name(A(OU_OID, "R\u00e9seau \u2603", _type=_ASN1Type.BMPString), cn("alice")),
+            "alice", subject_header="CN=alice,OU=R%C3%A9seau %E2%98%83"),
     Hostile("crlf-dns-san", ALICE, "alice", sans=(x509.DNSName("a\r\nb.example"),),
             san_header="DNS:a%0D%0Ab.example"),
     Hostile("utf8-nul-dns-san", ALICE, "alice", sans=(x509.DNSName("QZQZ.example"),),
@@ -273,9 +286,11 @@ def test_hostile_certificate_is_forwarded_safely(mode_stack, extra, case):
 
 def test_quotes_in_the_subject_stay_inside_one_xfcc_value(start_proxy, extra):
     """
-    XFCC quotes and escapes a subject holding '"', ',', ';', '=' and '\\':
-    the element parses into exactly Hash, Cert, Subject, URI, and the
-    unquoted Subject is the exact RFC 4514 subject.
+    XFCC quotes a subject holding '"', ',', ';', '=' and '\\' as Envoy does:
+    the RFC 4514 string verbatim between double quotes (RFC 4514 has
+    escaped the quote and the backslash, so it cannot end the quotes); the
+    element parses into exactly Hash, Cert, Subject, URI, and the text
+    between the quotes is the exact RFC 4514 subject.
     """
     proxy = start_proxy("--forward-cert", "xfcc")
     client = extra.client(
@@ -283,7 +298,9 @@ def test_quotes_in_the_subject_stay_inside_one_xfcc_value(start_proxy, extra):
         sans=[x509.UniformResourceIdentifier('spiffe://x/a;b=c,d"e')],
     )
     echo, _ = echo_on(proxy, client, "/echo/xfcc-quoting")
-    pairs = parse_xfcc(single(echo, "X-Forwarded-Client-Cert"))
+    value = single(echo, "X-Forwarded-Client-Cert")
+    assert ';Subject="CN=a\\"b\\,c\\;d=e\\\\f";URI="spiffe://x/a;b=c,d%22e"' in value
+    pairs = parse_xfcc(value)
     assert [k for k, _ in pairs] == ["Hash", "Cert", "Subject", "URI"]
     fields = dict(pairs)
     assert fields["Subject"] == client.issued.cert.subject.rfc4514_string()
@@ -333,6 +350,52 @@ def test_hostile_cns_match_allow_cn_only_by_their_exact_last_cn(start_proxy, bac
         )
     assert backend.requests() == [f"GET /{label} HTTP/1.1" for label in admitted]
     assert not re.search(r"(?mi)^\s*x-admin", proxy.log_text())
+
+
+HOSTILE_OUS = {
+    "ou-quotes": 'a"b\\c',
+    "ou-nul": "eng\x00admins",
+    "ou-utf8": "R\u00e9seau \u2603",
+    "ou-admins": "admins",
+}
+
+
+def test_hostile_ous_match_allow_ou_only_exactly(start_proxy, backend, extra):
+    """
+    allow-ou from a TOML file holding a quote and a backslash, a NUL,
+    non-ASCII text, and "admins": a certificate with exactly one of those
+    OUs is admitted (the non-ASCII one as a UTF8String and as a BMPString:
+    the same text).  Refused with 403 and a "not allowed" line: an OU
+    "eng,OU=admins" (a comma does not make a second OU), "eng" (a NUL does
+    not end the string), the OU with its NUL dropped, part of the quoted
+    one, and "admins " (no trimming).
+    """
+    toml = "allow-ou = [" + ", ".join(json.dumps(v) for v in HOSTILE_OUS.values()) + "]\n"
+    proxy = start_proxy("--config", str(extra.write("hostile-ous.toml", toml)))
+
+    def ou_client(label: str, ou: str, **kwargs: object) -> ClientCert:
+        return extra.client(label, name(A(OU_OID, ou, **kwargs), cn(label)))  # type: ignore[arg-type]
+
+    admitted = [ou_client(label, ou) for label, ou in HOSTILE_OUS.items()]
+    admitted.append(ou_client("ou-bmp", HOSTILE_OUS["ou-utf8"], _type=_ASN1Type.BMPString))
+    refused = [
+        ou_client("ou-comma", "eng,OU=admins"),
+        ou_client("ou-before-nul", "eng"),
+        ou_client("ou-nul-dropped", "engadmins"),
+        ou_client("ou-quote-only", 'a"b'),
+        ou_client("ou-blank", "admins "),
+    ]
+    for client in admitted:
+        status, _ = fetch_status(proxy, client, f"/{client.kind}")
+        assert status == 200, client.kind
+    for client in refused:
+        status, peer = fetch_status(proxy, client, f"/{client.kind}")
+        assert status == 403, client.kind
+        proxy.wait_for_log(
+            rf"(?m)refused {re.escape(peer)}: not allowed: CN {re.escape(client.kind)} matches "
+            r"no allow-cn, allow-ou or allow-san of the listener rule$"
+        )
+    assert backend.requests() == [f"GET /{c.kind} HTTP/1.1" for c in admitted]
 
 
 def test_hostile_dns_sans_never_match_a_dns_pattern(start_proxy, backend, extra):

@@ -242,6 +242,37 @@ def test_forward_cert_xfcc_is_envoys_format(start_proxy, alice):
     assert fields["DNS"] == "alice.example.com"
 
 
+def test_subject_names_are_openssls_in_every_header(start_proxy, extra):
+    """
+    A subject with emailAddress, serialNumber, GN, SN, title and an
+    attribute type OpenSSL has no name for: X-Client-Cert-Subject and the
+    XFCC Subject write them as OpenSSL (so nginx and Envoy) does
+    (emailAddress=, never 1.2.840.113549.1.9.1=...), the unnamed one as
+    its dotted OID with #hex of the DER value (RFC 4514 2.4).
+    """
+    client = extra.client(
+        "details-names",
+        name(
+            A(NameOID.ORGANIZATION_NAME, "Example Corp"),
+            A(NameOID.TITLE, "Dr"),
+            A(NameOID.SURNAME, "Smith"),
+            A(NameOID.GIVEN_NAME, "Alice"),
+            A(NameOID.SERIAL_NUMBER, "4711"),
+            A(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), "x"),
+            A(NameOID.EMAIL_ADDRESS, "alice@example.com"),
+            cn("alice"),
+        ),
+    )
+    subject = (
+        "CN=alice,emailAddress=alice@example.com,1.3.6.1.4.1.55555.1=#0C0178,"
+        "serialNumber=4711,GN=Alice,SN=Smith,title=Dr,O=Example Corp"
+    )
+    proxy = start_proxy("--forward-cert", "xfcc")
+    echo = echo_of(proxy, client)
+    assert only(echo, "X-Client-Cert-Subject") == subject
+    assert dict(parse_xfcc(only(echo, "X-Forwarded-Client-Cert")))["Subject"] == subject
+
+
 def test_forward_cert_rfc9440_cert_and_chain(start_proxy, pki, alice, chained, extra):
     """
     --forward-cert rfc9440: Client-Cert is :BASE64(DER): of the client's
