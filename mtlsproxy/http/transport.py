@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -150,6 +151,13 @@ class CorkedTLSProtocol(TLSMemoryBIOProtocol):
         if call is not None and call.active():
             call.cancel()
         self._corked = []
+        if self._handshakeDone:
+            # The peer closed without a close_notify (most HTTP clients do, and
+            # we never wait for one).  OpenSSL treats that as a fatal error and
+            # drops the session from the server-side cache, so TLS 1.2 clients
+            # without tickets could never resume.  Marking the TLS connection
+            # as shut down both ways keeps the session, as nginx does on close.
+            self._tlsConnection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
         super().connectionLost(reason)  # type: ignore[arg-type]
 
 
