@@ -24,7 +24,7 @@ else
 fi
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/twistd ] || [ ! -x .venv/bin/mtlsproxy ]; then
-  MTLSPROXY_WITH_KEYTOOL=0 bash scripts/system-deps.sh  # python3-venv on a fresh Debian
+  MTLSPROXY_WITH_KEYTOOL=0 MTLSPROXY_WITH_SYSTEMD_ANALYZE=0 bash scripts/system-deps.sh  # python3-venv on a fresh Debian
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check ".[test]"
 fi

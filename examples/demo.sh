@@ -20,7 +20,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; }
 
 step "Installing mtlsproxy into $VENV"
-MTLSPROXY_WITH_KEYTOOL=0 bash scripts/system-deps.sh
+MTLSPROXY_WITH_KEYTOOL=0 MTLSPROXY_WITH_SYSTEMD_ANALYZE=0 bash scripts/system-deps.sh
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check .
@@ -31,8 +31,8 @@ mkdir -p "$DEMO"
 if [ -f "$DEMO/pki/ca-cert.pem" ]; then
   echo "(reusing $DEMO/pki from an earlier run)"
 else
-  show "mtlsproxy pki init demo/pki --client-name demo-client"
-  mtlsproxy pki init "$DEMO/pki" --client-name demo-client
+  show "mtlsproxy pki init demo/pki --client-name demo-client --p12"
+  mtlsproxy pki init "$DEMO/pki" --client-name demo-client --p12
 fi
 
 pids=()

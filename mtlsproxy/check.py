@@ -12,7 +12,8 @@ something is wrong, 2 when the command line itself cannot be parsed.
 
 The expiry helpers (L{tls.load_material}, L{expiries}, L{warnings_for},
 L{expiry_warnings}) are shared with the daemon, which logs the same
-"expires within 14 days" warnings at start-up and after each reload.
+"expires within 14 days" warnings at start-up, after each reload and every
+L{service.EXPIRY_CHECK_INTERVAL} seconds while it runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.python import usage
 
@@ -58,20 +60,34 @@ class Expiry:
         refuses every client the CRL covers).
     @ivar subject: the certificate's subject, or the CRL's issuer, RFC 4514.
     @ivar when: notAfter, or nextUpdate, in UTC.
+    @ivar fingerprint: L{fingerprint} of the certificate or CRL: two CA
+        certificates with one subject (a CA rollover) are two entries.
     """
 
     kind: ExpiryKind
     subject: str
     when: datetime.datetime
+    fingerprint: str = ""
 
     @property
     def timestamp(self) -> float:
         """C{when} as Unix time, for the metrics gauge."""
         return self.when.timestamp()
 
-    def as_metric(self) -> tuple[str, str, float]:
-        """C{(kind, subject, timestamp)}, as L{mtlsproxy.metrics.Metrics.set_expiries} takes."""
-        return (self.kind, self.subject, self.timestamp)
+    def as_metric(self) -> tuple[str, str, float, str]:
+        """
+        C{(kind, subject, timestamp, fingerprint)}, as
+        L{mtlsproxy.metrics.Metrics.set_expiries} takes.
+        """
+        return (self.kind, self.subject, self.timestamp, self.fingerprint)
+
+
+def fingerprint(item: x509.Certificate | x509.CertificateRevocationList) -> str:
+    """
+    The first 16 hex digits of the SHA-256 of C{item}'s DER: enough to tell
+    apart certificates that share a subject, short enough for a label.
+    """
+    return item.fingerprint(hashes.SHA256()).hex()[:16]
 
 
 def _subject(name: x509.Name) -> str:
@@ -81,12 +97,21 @@ def _subject(name: x509.Name) -> str:
 def expiries(material: Material) -> list[Expiry]:
     """Every expiry that matters in C{material}; CRLs without nextUpdate never expire."""
     identity = material.identity
-    found = [Expiry("server", _subject(identity.cert.subject), identity.cert.not_valid_after_utc)]
-    found += [Expiry("chain", _subject(c.subject), c.not_valid_after_utc) for c in identity.chain]
-    found += [Expiry("ca", _subject(c.subject), c.not_valid_after_utc) for c in material.cas]
+    cert = identity.cert
+    found = [Expiry("server", _subject(cert.subject), cert.not_valid_after_utc, fingerprint(cert))]
+    found += [
+        Expiry("chain", _subject(c.subject), c.not_valid_after_utc, fingerprint(c))
+        for c in identity.chain
+    ]
+    found += [
+        Expiry("ca", _subject(c.subject), c.not_valid_after_utc, fingerprint(c))
+        for c in material.cas
+    ]
     for crl in material.crls:
         if crl.next_update_utc is not None:
-            found.append(Expiry("crl", _subject(crl.issuer), crl.next_update_utc))
+            found.append(
+                Expiry("crl", _subject(crl.issuer), crl.next_update_utc, fingerprint(crl))
+            )
     return found
 
 
@@ -138,7 +163,7 @@ def expiry_warnings(
     config: Config, now: datetime.datetime | None = None, days: float = WARN_DAYS
 ) -> list[str]:
     """
-    What the daemon logs as warnings at start-up and after a reload: each
+    What the daemon logs as warnings at start-up, after a reload and twice a day: each
     certificate or CRL in use that ends within C{days}.
 
     Reads the files again; a daemon that has just loaded them can use

@@ -9,6 +9,8 @@ so that the operator's one line on stderr says what to fix.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -223,10 +225,101 @@ def _read_password(option: str, path: Path, source: str | None) -> bytes:
     return raw.rstrip(b"\r\n")
 
 
+def _toml_type(value: Any) -> str:
+    """What a TOML value is, in the words of the TOML spec, for error messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return "date/time"
+
+
+def _toml_text(value: Any) -> str:
+    """A TOML value as it would be written in the file (near enough for a message)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{...}"
+    return str(value.isoformat()) if hasattr(value, "isoformat") else repr(value)
+
+
+def _check_toml_type(name: str, kind: str, value: Any, source: str) -> None:
+    """
+    Refuse a TOML value whose type does not fit the option's kind.
+
+    The command line only has strings, so L{_coerce} parses them; a TOML file
+    has types, and C{workers = "2"} or C{workers = 2.0} is a mistake worth
+    saying rather than guessing at (the same file read by another tool, or a
+    later version, would not guess the same).  A float option takes an
+    integer (C{idle-timeout = 5}); an integer option takes no float.
+    """
+    kind_types: dict[str, tuple[tuple[type, ...], str]] = {
+        "str": ((str,), "a string"),
+        "path": ((str,), "a string (a file name)"),
+        # A single string is one entry, as in [[rule]] tables.
+        "strs": ((list, str), "an array of strings"),
+        "paths": ((list, str), "an array of strings (file names)"),
+        "seconds": ((int, float), "a number of seconds"),
+        "count": ((int,), "a whole number"),
+        "depth": ((int,), "a whole number"),
+    }
+    types, wanted = kind_types[kind]
+    fits = isinstance(value, types) and not isinstance(value, bool)
+    if fits and isinstance(value, list):
+        fits = all(isinstance(v, str) for v in value)
+    if fits:
+        return
+    raise ConfigError(
+        name,
+        f"expected {wanted}, got the TOML {_toml_type(value)} {_toml_text(value)}"
+        + _number_hint(name, kind, value),
+        source,
+    )
+
+
+def _number_hint(name: str, kind: str, value: Any) -> str:
+    """How the operator surely meant to write a number, when that is clear; else ''."""
+    if kind not in ("seconds", "count", "depth") or not isinstance(value, str | float):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    if kind == "seconds" and isinstance(value, str):
+        return f" (write {name} = {value.strip()}, without quotes)"
+    if kind != "seconds" and number.is_integer():
+        return f" (write {name} = {int(number)})"
+    return ""
+
+
 def _coerce(name: str, value: Any, source: str | None) -> Any:
-    """Check one raw value against its option's kind and convert it."""
+    """
+    Check one raw value against its option's kind and convert it.
+
+    @param source: the TOML file the value comes from (its types must fit,
+        see L{_check_toml_type}), or C{None} for the command line (strings,
+        parsed here).
+    """
     kind = OPTIONS[name]
     option = f"--{name}" if source is None else name
+    if source is not None:
+        _check_toml_type(name, kind, value, source)
 
     def fail(problem: str) -> ConfigError:
         return ConfigError(option, problem, source=source)
@@ -368,13 +461,6 @@ def build_config(
             raise fail("forward-headers", str(e)) from None
 
     env = os.environ if environ is None else environ
-
-    if merged.get("workers", 1) > 1 and "metrics" in merged:
-        raise fail(
-            "metrics",
-            "is not available with more than one worker yet: each worker would count "
-            "only its own requests (use --workers 1, or scrape without --metrics)",
-        )
 
     def password(store: str, env_name: str) -> bytes | None:
         name = f"{store}-password-file"

@@ -39,6 +39,7 @@ from twisted.logger import (
     LogEvent,
     LogLevel,
     formatEvent,
+    formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,
 )
@@ -47,6 +48,8 @@ from zope.interface import implementer
 
 #: The keys every JSON line has; event fields with these names are prefixed.
 FIXED_KEYS = ("time", "level", "namespace", "message", "system")
+#: The key naming the C{--workers} process in a worker's JSON lines.
+WORKER_KEY = "worker"
 
 #: Keys of events from the legacy C{twisted.python.log} API that are not data.
 _LEGACY_KEYS = frozenset({"message", "time", "system", "isError", "format", "why", "failure"})
@@ -104,8 +107,12 @@ def _failure(event: LogEvent) -> Failure | None:
     return failure if isinstance(failure, Failure) else None
 
 
-def event_as_json(event: LogEvent) -> str:
-    """One event as one line of JSON (no newline); never raises."""
+def event_as_json(event: LogEvent, worker: int | None = None) -> str:
+    """
+    One event as one line of JSON (no newline); never raises.
+
+    @param worker: the C{--workers} process number, as the key C{worker}.
+    """
     record: dict[str, Any] = {
         "time": _timestamp(event),
         "level": _level(event).name,
@@ -115,13 +122,16 @@ def event_as_json(event: LogEvent) -> str:
     system = event.get("log_system", event.get("system"))
     if system is not None and system != "-":
         record["system"] = _jsonable(system)
+    if worker is not None:
+        record[WORKER_KEY] = worker
     legacy = "log_legacy" in event or "isError" in event
     for key, value in event.items():
         if not isinstance(key, str) or key.startswith("log_"):
             continue
         if legacy and key in _LEGACY_KEYS:
             continue
-        name = f"field_{key}" if key in FIXED_KEYS else key
+        clash = key in FIXED_KEYS or (worker is not None and key == WORKER_KEY)
+        name = f"field_{key}" if clash else key
         record[name] = _jsonable(value)
     failure = _failure(event)
     if failure is not None:
@@ -137,11 +147,15 @@ def event_as_json(event: LogEvent) -> str:
         return json.dumps(fallback)
 
 
-def event_as_text(event: LogEvent) -> str:
-    """C{[namespace] message}, the traceback of a failure on the lines after."""
+def event_as_text(event: LogEvent, worker: int | None = None) -> str:
+    """
+    C{[namespace] message}, the traceback of a failure on the lines after;
+    C{[namespace] [worker N] message} in a C{--workers} process.
+    """
+    tag = worker_tag(worker)
     if _is_plain_access(event):
-        return f"[{ACCESS_NAMESPACE}] {event['line']}"
-    text = f"[{event.get('log_namespace', '-')}] {formatEvent(event)}"
+        return f"[{ACCESS_NAMESPACE}] {tag}{event['line']}"
+    text = f"[{event.get('log_namespace', '-')}] {tag}{formatEvent(event)}"
     failure = _failure(event)
     if failure is not None:
         try:
@@ -174,17 +188,20 @@ class LineObserver:
     line reaches the journal when it is logged, not when a buffer fills.
     """
 
-    def __init__(self, out: IO[str], as_json: bool, priority_prefix: bool) -> None:
+    def __init__(
+        self, out: IO[str], as_json: bool, priority_prefix: bool, worker: int | None = None
+    ) -> None:
         self.out = out
         self.as_json = as_json
         self.priority_prefix = priority_prefix
+        self.worker = worker
 
     def __call__(self, event: LogEvent) -> None:
         try:
             if self.as_json:
-                text = event_as_json(event)
+                text = event_as_json(event, self.worker)
             else:
-                text = event_as_text(event)
+                text = event_as_text(event, self.worker)
             prefix = f"<{_PRIORITY.get(_level(event), 6)}>" if self.priority_prefix else ""
             if prefix and "\n" in text:
                 # journald prefixes only apply to one line; continuation
@@ -254,8 +271,13 @@ class AccessLineFormat:
     has whole-second resolution, so it is formatted once a second.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, tag: str = "") -> None:
+        """
+        @param tag: put before each access line's text, as the worker's
+            C{inner} puts it before every other message (L{worker_observer}).
+        """
         self.inner = inner
+        self.tag = tag
         self._second: int | None = None
         self._prefix = ""
 
@@ -265,7 +287,7 @@ class AccessLineFormat:
         when = event["log_time"]
         second = int(when)
         if second != self._second:
-            self._prefix = f"{formatTime(when)} [{ACCESS_NAMESPACE}#info] "
+            self._prefix = f"{formatTime(when)} [{ACCESS_NAMESPACE}#info] {self.tag}"
             self._second = second
         return f"{self._prefix}{event['line']}\n"
 
@@ -306,3 +328,54 @@ def speed_up_access_lines(publisher: Any = None) -> int:
             observer.formatEvent = fast
             changed += 1
     return changed
+
+
+# -- --workers processes ------------------------------------------------------
+
+#: What L{observer_kind} finds and L{worker_observer} makes.
+OBSERVER_KINDS = ("text", "json", "journal")
+
+
+def worker_tag(worker: int | None) -> str:
+    """C{"[worker 2] "}: what a worker's text lines carry before the message."""
+    return "" if worker is None else f"[worker {worker}] "
+
+
+def observer_kind(publisher: Any = None) -> str:
+    """
+    Which of L{OBSERVER_KINDS} the master logs with: C{json} or C{journal}
+    when twistd was started with C{--logger=mtlsproxy.logformat.json_observer}
+    (or C{journal_observer}), C{text} otherwise, so that its workers log the
+    same way (L{worker_observer}) and one parser reads every line.
+    """
+    if publisher is None:
+        publisher = globalLogPublisher
+    for observer in list(getattr(publisher, "_observers", ())):
+        if isinstance(observer, LineObserver):
+            return "json" if observer.as_json else "journal"
+    return "text"
+
+
+def worker_observer(kind: str, worker: int, out: IO[str] | None = None) -> ILogObserver:
+    """
+    The observer of worker number C{worker}: the master's format (C{kind},
+    from L{observer_kind}) with the worker's number in each line, as the key
+    C{worker} in JSON and as C{[worker N] } before the message in text.
+
+    The text kind keeps the access lines' fast path (L{AccessLineFormat}),
+    since workers exist for throughput.
+    """
+    stream = sys.stdout if out is None else out
+    if kind in ("json", "journal"):
+        return LineObserver(stream, kind == "json", writes_to_journal(stream), worker=worker)
+    tag = worker_tag(worker)
+
+    def classic(event: LogEvent) -> str | None:
+        text = formatEventAsClassicLogText(event)
+        if text is None:
+            return None
+        # "TIME [system] message": the tag goes before the message.
+        head, sep, rest = text.partition("] ")
+        return f"{head}{sep}{tag}{rest}" if sep else tag + text
+
+    return FileLogObserver(stream, AccessLineFormat(classic, tag))

@@ -14,15 +14,32 @@ without bound.
 C{/healthz} answers C{200} whenever the reactor is turning (liveness);
 C{/readyz} also asks the backend (readiness), so a load balancer stops sending
 traffic to a proxy whose application is down or that is shutting down.
+
+With C{--workers N}, each worker counts only what it serves, so the master
+alone listens on C{--metrics} and adds the workers' numbers up with
+prometheus_client's multiprocess mode: it gives each worker
+C{PROMETHEUS_MULTIPROC_DIR} (L{MULTIPROC_ENV}, a private directory from
+L{make_multiprocess_dir}) in its environment at spawn -- prometheus_client
+picks its value storage when it is first imported, so setting it later would
+be too late -- and each worker's L{Metrics} then writes every value to files
+there, which L{WorkersMetrics} merges at each scrape.  Counters and histograms
+of a worker that died stay in the sum (its files remain); gauges say in their
+C{multiprocess_mode} how the workers' values combine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+from typing import Protocol as TypingProtocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -79,6 +96,14 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+#: C{(kind, subject, timestamp)} or C{(kind, subject, timestamp, fingerprint)}
+ExpiryEntry = tuple[str, str, float] | tuple[str, str, float, str]
+
+#: Where prometheus_client, in a worker, keeps its values (multiprocess mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_EXPIRY_NAME = "mtlsproxy_expiry_timestamp_seconds"
 
 
 def handshake_reason(reason: str) -> str:
@@ -137,6 +162,11 @@ class Metrics:
     service calls L{reload} and L{set_expiries}, and L{watch_connections} once
     with callables that count open connections (read at scrape time, so
     nothing has to be updated on every connection).
+
+    In a worker (L{MULTIPROC_ENV} set), nothing reads this registry: the
+    master merges the files prometheus_client writes.  A scrape there cannot
+    call this process's callables, so the worker calls L{refresh} every
+    second to write the open-connection counts down.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
@@ -146,6 +176,11 @@ class Metrics:
             descriptors) from C{/proc}; off in tests that compare whole outputs.
         """
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        #: values go to files in L{MULTIPROC_ENV}, for the master to merge
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self._watched: list[tuple[Gauge, Callable[[], float]]] = []
+        #: expiry series this process has set (multiprocess mode: see set_expiries)
+        self._expiry_keys: set[tuple[str, str, str]] = set()
         r = self.registry
         self._handshakes = Counter(
             "mtlsproxy_handshakes",
@@ -176,11 +211,13 @@ class Metrics:
             "mtlsproxy_client_connections",
             "Client connections open now (handshaking ones included)",
             registry=r,
+            multiprocess_mode="livesum",  # every running worker's; a dead one's are gone
         )
         self._backend_connections = Gauge(
             "mtlsproxy_backend_connections",
             "Backend connections open now (idle pooled ones included)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self._reloads = Counter(
             "mtlsproxy_reloads",
@@ -192,20 +229,29 @@ class Metrics:
             "mtlsproxy_last_reload_successful",
             "1 if the last reload succeeded (or none was attempted), 0 if it failed",
             registry=r,
+            multiprocess_mode="livemin",  # 0 while any running worker's last reload failed
         )
         self._last_reload_time = Gauge(
             "mtlsproxy_last_reload_timestamp_seconds",
             "Unix time of the last reload attempt",
             registry=r,
+            multiprocess_mode="max",  # the latest attempt of any worker
         )
         self._expiry = Gauge(
             "mtlsproxy_expiry_timestamp_seconds",
             "Unix time when certificates in use expire (kind server, chain, ca) "
-            "or when a CRL in use is due for its next update (kind crl)",
-            ["kind", "subject"],
+            "or when a CRL in use is due for its next update (kind crl); "
+            "fingerprint: first 16 hex digits of the SHA-256 of the certificate or CRL",
+            ["kind", "subject", "fingerprint"],
             registry=r,
+            # Every worker reports the same certificates: one series each,
+            # not one per worker; the latest write of a running worker wins,
+            # so a series a reload removed (NaN, see set_expiries) goes away.
+            multiprocess_mode="livemostrecent",
         )
-        info = Gauge("mtlsproxy_info", "mtlsproxy version", ["version"], registry=r)
+        info = Gauge(
+            "mtlsproxy_info", "mtlsproxy version", ["version"], registry=r, multiprocess_mode="max"
+        )
         info.labels(version=__version__).set(1)
         if process:
             ProcessCollector(registry=r)
@@ -259,10 +305,20 @@ class Metrics:
         Read the open-connection gauges from these callables at each scrape,
         e.g. C{lambda: len(factory.connections)} and C{lambda: pool.open_connections}.
         """
-        if client is not None:
-            self._client_connections.set_function(client)
-        if backend is not None:
-            self._backend_connections.set_function(backend)
+        watched = ((self._client_connections, client), (self._backend_connections, backend))
+        for gauge, count in watched:
+            if count is None:
+                continue
+            if self.multiprocess:
+                self._watched.append((gauge, count))
+                gauge.set(count())
+            else:
+                gauge.set_function(count)
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the watched counts to the files now."""
+        for gauge, count in self._watched:
+            gauge.set(count())
 
     # -- events from the service -------------------------------------------
 
@@ -275,32 +331,47 @@ class Metrics:
         else:
             self._last_reload_time.set(timestamp)
 
-    def expiry(self, kind: str, subject: str, timestamp: float) -> None:
+    def expiry(self, kind: str, subject: str, timestamp: float, fingerprint: str = "") -> None:
         """
         Export one expiry time.
 
         @param kind: one of L{EXPIRY_KINDS}.
         @param subject: the certificate's subject (the CRL's issuer), RFC 4514.
         @param timestamp: Unix time of notAfter (of nextUpdate for a CRL).
+        @param fingerprint: tells apart certificates with one subject
+            (L{mtlsproxy.check.fingerprint}); without it, during a CA
+            rollover the new CA's series would hide the old one's, which
+            expires first.
         @raise ValueError: for an unknown C{kind}.
         """
         if kind not in EXPIRY_KINDS:
             raise ValueError(f"expiry kind must be one of {EXPIRY_KINDS}, not {kind!r}")
-        self._expiry.labels(kind=kind, subject=subject).set(timestamp)
+        self._expiry.labels(kind=kind, subject=subject, fingerprint=fingerprint).set(timestamp)
 
-    def set_expiries(self, entries: Iterable[tuple[str, str, float]]) -> None:
+    def set_expiries(self, entries: Iterable[ExpiryEntry]) -> None:
         """
-        Replace every expiry series with C{(kind, subject, timestamp)} entries:
-        what start-up and each successful reload call, so that a certificate
-        no longer in use stops being reported.
+        Replace every expiry series with C{(kind, subject, timestamp,
+        fingerprint)} entries (C{fingerprint} may be left out): what start-up
+        and each successful reload call, so that a certificate no longer in
+        use stops being reported.
         """
         entries = list(entries)
-        for kind, _subject, _timestamp in entries:
-            if kind not in EXPIRY_KINDS:
-                raise ValueError(f"expiry kind must be one of {EXPIRY_KINDS}, not {kind!r}")
-        self._expiry.clear()
-        for kind, subject, timestamp in entries:
-            self.expiry(kind, subject, timestamp)
+        for entry in entries:
+            if entry[0] not in EXPIRY_KINDS:
+                raise ValueError(f"expiry kind must be one of {EXPIRY_KINDS}, not {entry[0]!r}")
+        if not self.multiprocess:
+            self._expiry.clear()
+            for entry in entries:
+                self.expiry(*entry)
+            return
+        # clear() does not reach the files the master reads: a series no
+        # longer in use is overwritten with NaN, which WorkersMetrics leaves out.
+        keys = {(e[0], e[1], e[3] if len(e) > 3 else "") for e in entries}  # type: ignore[misc]
+        for kind, subject, fingerprint in self._expiry_keys - keys:
+            self._expiry.labels(kind=kind, subject=subject, fingerprint=fingerprint).set(math.nan)
+        self._expiry_keys = keys
+        for entry in entries:
+            self.expiry(*entry)
 
     # -- exposition ----------------------------------------------------------
 
@@ -311,6 +382,81 @@ class Metrics:
         """
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+class Renders(TypingProtocol):
+    """What C{/metrics} serves: L{Metrics}, or L{WorkersMetrics} in a --workers master."""
+
+    def render(self, accept: str = "") -> tuple[bytes, str]: ...
+
+
+# -- several workers ----------------------------------------------------------
+
+
+def make_multiprocess_dir(environ: Mapping[str, str] | None = None) -> str:
+    """
+    A new, empty directory (mode 0700) for the workers' metric files: under
+    C{$RUNTIME_DIRECTORY} (systemd's C{RuntimeDirectory=}) when set, else
+    in the temporary directory.  New at every start, so that the files of a
+    previous run (a master killed before it could remove them) are never
+    added to this one's numbers.
+    """
+    env = os.environ if environ is None else environ
+    # RuntimeDirectory= with several names gives them colon-separated.
+    runtime = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
+    return tempfile.mkdtemp(prefix="mtlsproxy-metrics-", dir=runtime)
+
+
+def remove_multiprocess_dir(path: str) -> None:
+    """Remove the workers' metric files at exit; a failure is logged, not raised."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("could not remove the metrics directory {path}: {error}", path=path, error=e)
+
+
+class _Merged:
+    """
+    The workers' files, merged by prometheus_client's MultiProcessCollector,
+    without the NaN tombstones of expiry series that no worker uses any more.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.collector = multiprocess.MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.collector.collect():
+            if family.name == _EXPIRY_NAME:
+                family.samples = [s for s in family.samples if not math.isnan(s.value)]
+            yield family
+
+
+class WorkersMetrics:
+    """
+    The master's C{/metrics} with C{--workers}: the sum of what every worker
+    (running, or dead and replaced) recorded in L{path}.  C{process_*} are
+    left out: they describe one process, and no worker's registry is read.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        #: the workers' directory; None until the master has made it (nothing to show)
+        self.path = path
+
+    def mark_dead(self, pid: int) -> None:
+        """A worker ended: its C{live*} gauges (open connections...) no longer count."""
+        if self.path is not None:
+            multiprocess.mark_process_dead(pid, self.path)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        # A registry per scrape, as prometheus_client's multiprocess docs do:
+        # the collector reads the files afresh each time anyway.
+        registry = CollectorRegistry()
+        if self.path is not None:
+            registry.register(_Merged(self.path))  # type: ignore[arg-type]
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
 
 
 # -- HTTP ---------------------------------------------------------------------
@@ -336,7 +482,7 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Renders) -> None:
         super().__init__()
         self.metrics = metrics
 
@@ -410,7 +556,7 @@ class _QuietSite(Site):
 
 
 def metrics_root(
-    metrics: Metrics,
+    metrics: Renders,
     backend_ready: Callable[[], Deferred[bool]],
     clock: IReactorTime | None = None,
     ready_timeout: float = 5.0,
@@ -425,7 +571,7 @@ def metrics_root(
 
 
 def metrics_site(
-    metrics: Metrics,
+    metrics: Renders,
     backend_ready: Callable[[], Deferred[bool]],
     clock: IReactorTime | None = None,
     ready_timeout: float = 5.0,

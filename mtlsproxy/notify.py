@@ -86,6 +86,24 @@ def reloading(status: str | None = None, environ: Mapping[str, str] = os.environ
     return notify(_with_status(f"{RELOADING}\nMONOTONIC_USEC={usec}", status), environ)
 
 
+#: the C{STATUS=} after a reload that worked: it replaces a failure's status
+RELOAD_OK = "serving; last reload succeeded"
+
+
+def reload_status(error: str | None) -> str:
+    """
+    The C{STATUS=} to send with the C{READY=1} that ends a reload.
+
+    A failed reload still ends in C{READY=1} (the old material keeps
+    serving), so the status line is the only place C{systemctl status} can
+    show that the new certificates were not taken.  A success sends a status
+    too, or the last failure's would stay on display.
+    """
+    if error is None:
+        return RELOAD_OK
+    return f"reload failed, keeping the current certificates: {error}"
+
+
 def stopping(status: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Shutdown has begun (SIGTERM received, connections draining)."""
     return notify(_with_status(STOPPING, status), environ)

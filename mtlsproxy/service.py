@@ -7,8 +7,10 @@ The TLS layer is put over whatever server endpoint the operator described
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from OpenSSL import SSL
@@ -29,6 +31,22 @@ from .http.transport import CorkedTLSFactory
 from .metrics import Metrics, backend_probe, metrics_site
 
 log = Logger("mtlsproxy")
+
+#: Seconds between two looks at what expires soon.  Start-up and reloads
+#: warn too, but a daemon that runs for months without either must still say,
+#: days ahead, that its certificate or a CRL is about to end.
+EXPIRY_CHECK_INTERVAL = 12 * 3600
+
+
+class ShuttingDown(Exception):
+    """Why C{/readyz} answers 503 while draining: C{not ready: shutting down}."""
+
+    def __str__(self) -> str:
+        return "shutting down"
+
+
+def _wall_clock() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 def settings_from_config(config: Config) -> ProxySettings:
@@ -59,9 +77,15 @@ class ProxyService(MultiService):
         reactor: Any,
         creator: tls.ReloadableServerCreator,
         material: tls.Material,
+        now: Callable[[], datetime.datetime] = _wall_clock,
     ) -> None:
+        """
+        @param now: the time expiry is judged against (tests tie it to the
+            clock they give as C{reactor}).
+        """
         super().__init__()
         self.config = config
+        self.now = now
         self.reactor = reactor
         self.creator = creator
         self.metrics = Metrics()
@@ -76,7 +100,10 @@ class ProxyService(MultiService):
         self.metrics_port: IListeningPort | None = None
         self._watch: LoopingCall | None = None
         self._rotation: LoopingCall | None = None
+        self._expiry: LoopingCall | None = None
         self._watched = watch.signature(watch.material_files(config))
+        #: the error of the last reload, while it has not been followed by one that worked
+        self._reload_error: str | None = None
         self._material = material
         self._material_digest = material.digest()
         self._record(material)
@@ -113,7 +140,10 @@ class ProxyService(MultiService):
             os.close(fd)  # the reactor holds its own duplicate
             log.info("worker {index} accepting", index=self.worker_index)
             return port
-        port = _listen_now(self.reactor, "--listen", with_backlog(self.config.listen), wrapped)
+        port = _listen_now(
+            self.reactor, "--listen", with_backlog(self.config.listen), wrapped,
+            written=self.config.listen,
+        )
         log.info(
             "mtlsproxy listening on {address}, forwarding to {backend}",
             address=_format_address(port.getHost()),
@@ -127,8 +157,9 @@ class ProxyService(MultiService):
         )
 
         def ready() -> defer.Deferred[bool]:
-            # Draining: tell the load balancer to stop sending new clients.
-            return defer.succeed(False) if self.factory.draining else probe()
+            # Draining: tell the load balancer to stop sending new clients,
+            # and the operator why (not "backend unavailable").
+            return defer.fail(ShuttingDown()) if self.factory.draining else probe()
 
         site = metrics_site(self.metrics, ready, self.reactor)
         port = _listen_now(self.reactor, "--metrics", description, site)
@@ -150,18 +181,36 @@ class ProxyService(MultiService):
         self._rotation = LoopingCall(self.rotate_session_keys)
         self._rotation.clock = self.reactor
         self._rotation.start(tls.TICKET_KEY_LIFETIME, now=False)
+        self._expiry = LoopingCall(self.check_expiry)
+        self._expiry.clock = self.reactor
+        self._expiry.start(EXPIRY_CHECK_INTERVAL, now=False)
         if self.config.reload_interval is not None:
             self._watch = LoopingCall(self._check_files)
             self._watch.clock = self.reactor
             self._watch.start(self.config.reload_interval, now=False)
 
     def _check_files(self) -> None:
-        """--reload-interval: reload when any material file was rewritten or replaced."""
+        """
+        --reload-interval: reload when any material file was rewritten,
+        replaced, or had its mode or owner changed.
+
+        After a reload that failed, try again at every interval until one
+        works, even when nothing shows in the files' signature: a fix can be
+        invisible there (a directory's permissions, a group membership, a
+        file rewritten within one timestamp tick).  The same failure is not
+        logged again until the files or the error change.
+        """
         current = watch.signature(watch.material_files(self.config))
         if current != self._watched:
             self._watched = current
             log.info("certificate files changed on disk, reloading")
             self.reload()
+        elif self._reload_error is not None:
+            self.reload(retry=True)
+
+    def check_expiry(self) -> None:
+        """Every EXPIRY_CHECK_INTERVAL: warn about what ends soon, refresh the expiry gauges."""
+        self._record(self._material)
 
     def rotate_session_keys(self) -> None:
         """
@@ -184,14 +233,19 @@ class ProxyService(MultiService):
 
     # -- reload ------------------------------------------------------------
 
-    def reload(self) -> bool:
+    def reload(self, retry: bool = False) -> bool:
         """
         Build a new TLS context from the files on disk, then swap it in.
 
         New handshakes use the new material; open connections keep theirs.
         Invalid material is logged and the old context stays in use.
+
+        @param retry: a --reload-interval retry after a failed reload, files
+            unchanged since: failing again with the same error is not logged,
+            counted or told to systemd (it would be, every few seconds, for
+            as long as the problem lasts); a new error or success is.
         """
-        if self.adopt is None:
+        if self.adopt is None and not retry:
             notify.reloading()
         try:
             config = refresh_passwords(self.config)
@@ -199,16 +253,15 @@ class ProxyService(MultiService):
             if material.digest() == self._material_digest:
                 log.info("reload: certificates, key, CA and CRLs unchanged, nothing to do")
                 self.metrics.reload(True)
-                if self.adopt is None:
-                    notify.ready()
-                return True
+                return self._reloaded(None)
             context = tls.context_from_material(config, material)
         except MtlsProxyError as e:
+            if retry and str(e) == self._reload_error:
+                return False
+            self._reload_error = str(e)
             log.error("reload failed, keeping the current certificates: {error}", error=str(e))
             self.metrics.reload(False)
-            if self.adopt is None:
-                notify.ready()
-            return False
+            return self._reloaded(str(e))
         self.creator.swap(context)
         self.config = config
         self._material = material
@@ -216,14 +269,26 @@ class ProxyService(MultiService):
         self.metrics.reload(True)
         self._record(material)
         log.info("reloaded certificates, CA and CRLs")
+        return self._reloaded(None)
+
+    #: called with C{None} (it worked) or the error after every reload: how a
+    #: --workers process tells its master, which alone speaks to systemd
+    reload_listener: Callable[[str | None], None] | None = None
+
+    def _reloaded(self, error: str | None) -> bool:
+        """End a reload: READY=1 and a status (one process), or word to the master (a worker)."""
+        if error is None:
+            self._reload_error = None
+        if self.reload_listener is not None:
+            self.reload_listener(error)
         if self.adopt is None:
-            notify.ready()
-        return True
+            notify.ready(notify.reload_status(error))
+        return error is None
 
     def _record(self, material: tls.Material) -> None:
         """Expiry gauges, and a warning for anything that ends within 14 days."""
         entries = check.expiries(material)
-        for line in check.warnings_for(entries):
+        for line in check.warnings_for(entries, self.now()):
             log.warn("{warning}", warning=line)
         self.metrics.set_expiries(e.as_metric() for e in entries)
 
@@ -238,7 +303,7 @@ class ProxyService(MultiService):
         if self.adopt is None:
             notify.stopping()
         super().stopService()
-        for loop in (self._watch, self._rotation):
+        for loop in (self._watch, self._rotation, self._expiry):
             if loop is not None and loop.running:
                 loop.stop()
         port, self.port = self.port, None
@@ -272,13 +337,26 @@ def install_signals(reactor: Any, on_hup: Any, on_term: Any) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(on_term))
 
 
+class ListenFailed(SystemExit):
+    """
+    Start-up ends: a listener could not be opened.  A C{SystemExit} (status
+    1) so that twistd exits without a traceback; C{line} is what was written
+    on standard error, for whoever must also put it in the log file.
+    """
+
+    def __init__(self, line: str) -> None:
+        super().__init__(1)
+        self.line = line
+
+
 def listen_failed(e: Exception) -> NoReturn:
     """
     End start-up with one line on the real standard error (twistd has
     already pointed sys.stderr at its log) and exit status 1.
     """
-    os.write(2, f"mtlsproxy: {e}\n".encode())
-    raise SystemExit(1) from None
+    line = f"mtlsproxy: {e}"
+    os.write(2, f"{line}\n".encode())
+    raise ListenFailed(line) from None
 
 
 #: the listen backlog when --listen names none: nginx's default (Twisted's is 50)
@@ -299,27 +377,37 @@ def with_backlog(description: str) -> str:
 
 
 def _listen_now(
-    reactor: Any, option: str, description: str, factory: IProtocolFactory
+    reactor: Any,
+    option: str,
+    description: str,
+    factory: IProtocolFactory,
+    written: str | None = None,
 ) -> IListeningPort:
-    """Listen on an endpoint description at once, or raise L{ListenError} naming C{option}."""
+    """
+    Listen on an endpoint description at once, or raise L{ListenError} naming C{option}.
+
+    @param written: the description as the operator wrote it, for the error
+        (C{description} may carry what L{with_backlog} added).
+    """
+    shown = description if written is None else written
     try:
         endpoint = serverFromString(reactor, description)
     except IndexError:
         raise ListenError(
-            description,
+            shown,
             "no inherited socket at that index (socket activation needs LISTEN_FDS, "
             "LISTEN_FDNAMES and LISTEN_PID, as systemd sets them)",
             option,
         ) from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ListenError(description, f"not a valid endpoint description ({e})", option) from None
+        raise ListenError(shown, f"not a valid endpoint description ({e})", option) from None
     outcome: list[Any] = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:
-        raise ListenError(description, "the endpoint did not start listening at once", option)
+        raise ListenError(shown, "the endpoint did not start listening at once", option)
     result = outcome[0]
     if isinstance(result, Failure):
-        raise ListenError(description, _listen_problem(result), option) from None
+        raise ListenError(shown, _listen_problem(result), option) from None
     return result  # type: ignore[no-any-return]
 
 
@@ -341,9 +429,15 @@ def _format_address(address: Any) -> str:
     return str(address)
 
 
-def make_service(config: Config, reactor: Any) -> ProxyService:
-    """Build the proxy service (one process); certificate problems raise before anything listens."""
+def make_service(
+    config: Config, reactor: Any, now: Callable[[], datetime.datetime] = _wall_clock
+) -> ProxyService:
+    """
+    Build the proxy service (one process); certificate problems raise before anything listens.
+
+    @param now: see L{ProxyService.__init__}.
+    """
     material = tls.load_material(config)
     context: SSL.Context = tls.context_from_material(config, material)
     creator = tls.ReloadableServerCreator(context)
-    return ProxyService(config, reactor, creator, material)
+    return ProxyService(config, reactor, creator, material, now=now)

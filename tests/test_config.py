@@ -154,3 +154,90 @@ def test_missing_password_file_is_named(tmp_path: Path) -> None:
             {"backend": "http://a:1", "keystore": "k", "ca": "c",
              "keystore-password-file": str(tmp_path / "nope")}
         )
+
+
+TOML_BASE = 'backend = "http://x:1"\ncert = "c"\nkey = "k"\nca = "a"\n'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        # integer options: no string, no float (not even a whole one), no boolean
+        ('workers = "2"', 'workers: expected a whole number, got the TOML string "2" '
+         "(write workers = 2)"),
+        ("workers = 2.0", "workers: expected a whole number, got the TOML float 2.0 "
+         "(write workers = 2)"),
+        ("max-header-bytes = 1.5", "max-header-bytes: expected a whole number, "
+         "got the TOML float 1.5"),
+        ("verify-depth = true", "verify-depth: expected a whole number, got the TOML boolean true"),
+        # float options: a number, not a string or boolean
+        ('shutdown-timeout = "10"', 'shutdown-timeout: expected a number of seconds, got the '
+         'TOML string "10" (write shutdown-timeout = 10, without quotes)'),
+        ("idle-timeout = false", "idle-timeout: expected a number of seconds, "
+         "got the TOML boolean false"),
+        # strings and file names: strings only
+        ("listen = 8443", "listen: expected a string, got the TOML integer 8443"),
+        ("crl = true", "crl: expected an array of strings (file names), got the TOML boolean true"),
+        ("truststore-password-file = 0", "truststore-password-file: expected a string "
+         "(a file name), got the TOML integer 0"),
+        ("min-tls = 1.3", "min-tls: expected a string, got the TOML float 1.3"),
+        ("metrics = 1979-05-27", "metrics: expected a string, got the TOML date/time 1979-05-27"),
+        # lists: arrays of strings
+        ("crl = [1]", "crl: expected an array of strings (file names), got the TOML array [1]"),
+        ('allow-cn = ["a", true]', 'allow-cn: expected an array of strings, '
+         'got the TOML array ["a", true]'),
+        ("allow-ou = {x = 1}", "allow-ou: expected an array of strings, got the TOML table {...}"),
+    ],
+)
+def test_toml_types_are_checked_not_converted(tmp_path: Path, line: str, message: str) -> None:
+    """
+    In the file, a value must have its option's TOML type: nothing is converted
+    (a quoted number, a float for a count).  The error is one line naming the
+    file and the key, as for an unknown key.
+    """
+    f = tmp_path / "t.toml"
+    f.write_text(TOML_BASE + line + "\n")
+    with pytest.raises(ConfigError) as e:
+        build_config({}, f)
+    assert str(e.value) == f"{f}: {message}"
+    assert "\n" not in str(e.value)
+
+
+def test_toml_numbers_of_the_right_type_are_accepted(tmp_path: Path) -> None:
+    """A float option takes a TOML integer or float; an integer option a TOML integer."""
+    f = tmp_path / "t.toml"
+    f.write_text(
+        TOML_BASE + "shutdown-timeout = 3\nidle-timeout = 2.5\nworkers = 1\nverify-depth = 0\n"
+        'crl = "one.pem"\n'
+    )
+    config = build_config({}, f)
+    assert config.shutdown_timeout == 3.0 and isinstance(config.shutdown_timeout, float)
+    assert config.idle_timeout == 2.5
+    assert config.workers == 1 and config.verify_depth == 0
+    # a single string is one entry, as in [[rule]] tables
+    assert config.crl == (Path("one.pem"),)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"workers": "2"}, ("workers", 2)),
+        ({"shutdown-timeout": "10"}, ("shutdown_timeout", 10.0)),
+        ({"idle-timeout": "2.5"}, ("idle_timeout", 2.5)),
+        ({"verify-depth": "3"}, ("verify_depth", 3)),
+    ],
+)
+def test_command_line_strings_still_parse(
+    extra: dict[str, str], expected: tuple[str, object]
+) -> None:
+    """The command line has only strings: they are parsed as before."""
+    config = build_config({**BASE, **extra})
+    attribute, value = expected
+    assert getattr(config, attribute) == value
+
+
+@pytest.mark.parametrize("value", ["2.0", "two", "true"])
+def test_command_line_count_must_be_whole(value: str) -> None:
+    """--workers 2.0 is not a whole number on the command line either."""
+    with pytest.raises(ConfigError, match="^--workers: expected a whole number"):
+        build_config({**BASE, "workers": value})

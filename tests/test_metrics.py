@@ -26,12 +26,16 @@ from mtlsproxy.http.backend import connect_error_reason
 from mtlsproxy.metrics import (
     BACKEND_ERROR_KINDS,
     HANDSHAKE_REASONS,
+    MULTIPROC_ENV,
     Metrics,
+    WorkersMetrics,
     backend_error_kind,
     backend_probe,
     handshake_reason,
+    make_multiprocess_dir,
     metrics_root,
     metrics_site,
+    remove_multiprocess_dir,
     status_class,
 )
 
@@ -217,6 +221,58 @@ def test_expiries_are_replaced_as_a_whole() -> None:
     assert len(samples(m)["mtlsproxy_expiry_timestamp_seconds"]) == 2
 
 
+def test_expiries_keep_certificates_that_share_a_subject_apart() -> None:
+    """
+    A CA rollover: the old and the new CA have one subject.  Each keeps its
+    own series (told apart by the fingerprint label), so the old CA's early
+    expiry is not hidden behind the new one's.
+    """
+    m = Metrics(process=False)
+    m.set_expiries([("ca", "CN=Corp CA", 1000.0, "aaaa"), ("ca", "CN=Corp CA", 9e9, "bbbb")])
+    series = {
+        (s.labels["subject"], s.labels["fingerprint"]): s.value
+        for s in samples(m)["mtlsproxy_expiry_timestamp_seconds"]
+    }
+    assert series == {("CN=Corp CA", "aaaa"): 1000.0, ("CN=Corp CA", "bbbb"): 9e9}
+    # the earliest expiry of that subject, as an alert would compute it
+    assert min(v for (subject, _), v in series.items() if subject == "CN=Corp CA") == 1000.0
+
+
+def test_expiries_from_material_label_each_certificate_by_fingerprint() -> None:
+    """
+    check.expiries (what the daemon exports at start and on reload) gives two
+    CA certificates with one subject two series, labelled with the first 16
+    hex digits of each certificate's SHA-256.
+    """
+    import types
+
+    from cryptography.hazmat.primitives import hashes
+
+    from mtlsproxy import check
+    from tests import certfactory as cf
+
+    old, new = cf.make_ca("Corp CA"), cf.make_ca("Corp CA")
+    server = cf.make_server(old)
+    material = types.SimpleNamespace(
+        identity=types.SimpleNamespace(cert=server.cert, chain=()),
+        cas=(old.cert, new.cert),
+        crls=(cf.make_crl(old, []),),
+    )
+    entries = check.expiries(material)  # type: ignore[arg-type]
+    m = Metrics(process=False)
+    m.set_expiries(e.as_metric() for e in entries)
+    cas = {
+        s.labels["fingerprint"]: s.labels["subject"]
+        for s in samples(m)["mtlsproxy_expiry_timestamp_seconds"]
+        if s.labels["kind"] == "ca"
+    }
+    expected = {c.fingerprint(hashes.SHA256()).hex()[:16] for c in (old.cert, new.cert)}
+    assert set(cas) == expected and len(expected) == 2
+    assert set(cas.values()) == {"CN=Corp CA"}
+    kinds = {s.labels["kind"] for s in samples(m)["mtlsproxy_expiry_timestamp_seconds"]}
+    assert kinds == {"server", "ca", "crl"}
+
+
 def test_registries_are_independent() -> None:
     """Each Metrics has its own registry, so several can live in one process."""
     a, b = Metrics(process=False), Metrics(process=False)
@@ -373,3 +429,125 @@ def test_backend_probe_unix(tmp_path: Path) -> Generator[Any, Any, None]:
         assert (yield probe()) is True
     finally:
         yield port.stopListening()
+
+
+# -- several workers: prometheus_client's multiprocess mode ------------------------------
+
+#: What a worker records, run in a process of its own: multiprocess mode is
+#: chosen when prometheus_client is imported, from PROMETHEUS_MULTIPROC_DIR.
+_WORKER = """
+import os, sys
+from mtlsproxy.metrics import Metrics
+m = Metrics(process=False)
+assert m.multiprocess
+m.watch_connections(lambda: 2, lambda: 1)
+for status in (200, 200, 404):
+    m.request(status, 0.01)
+m.handshake("ok")
+m.set_expiries([("server", "CN=old", 2000000000.0, "aaaa"), ("ca", "CN=ca", 2100000000.0, "cccc")])
+# a reload that replaced the server certificate
+m.set_expiries([("server", "CN=new", 2050000000.0, "bbbb"), ("ca", "CN=ca", 2100000000.0, "cccc")])
+m.reload(True, 1700000000.0 + int(sys.argv[1]))
+print(os.getpid())
+"""
+
+
+def _run_worker(directory: str, n: int) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, MULTIPROC_ENV: directory}
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(n)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def _scrape(metrics: WorkersMetrics) -> dict[str, list[Sample]]:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    return {f.name: f.samples for f in text_string_to_metric_families(body.decode())}
+
+
+def test_multiprocess_dir_is_private_and_new_each_time(tmp_path: Path) -> None:
+    """Under $RUNTIME_DIRECTORY (its first entry), mode 0700, never reused; removed whole."""
+    first = make_multiprocess_dir({"RUNTIME_DIRECTORY": f"{tmp_path}:/nonexistent"})
+    second = make_multiprocess_dir({"RUNTIME_DIRECTORY": str(tmp_path)})
+    assert first != second
+    for made in (first, second):
+        assert Path(made).parent == tmp_path
+        assert Path(made).stat().st_mode & 0o777 == 0o700
+    (Path(first) / "counter_1.db").write_bytes(b"x")
+    remove_multiprocess_dir(first)
+    remove_multiprocess_dir(first)  # already gone: no error
+    assert sorted(tmp_path.iterdir()) == [Path(second)]
+    elsewhere = make_multiprocess_dir({})
+    try:
+        assert Path(elsewhere).parent != tmp_path
+    finally:
+        remove_multiprocess_dir(elsewhere)
+
+
+def test_workers_metrics_add_up_the_workers_files(tmp_path: Path) -> None:
+    """
+    Two workers' files: counters and histograms summed, open connections
+    summed over live workers, each expiry series once (a series a reload
+    removed is gone), no pid label; a dead worker's counts stay.
+    """
+    directory = make_multiprocess_dir({"RUNTIME_DIRECTORY": str(tmp_path)})
+    metrics = WorkersMetrics()
+    assert metrics.render()[0] == b""  # before the master made the directory
+    metrics.path = directory
+    first = _run_worker(directory, 1)
+    _run_worker(directory, 2)
+    found = _scrape(metrics)
+    assert all("pid" not in s.labels for family in found.values() for s in family)
+
+    def one(name: str, **labels: str) -> float:
+        family = name.removesuffix("_total").removesuffix("_count")
+        values = [
+            s.value for s in found[family]
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        assert len(values) == 1, (name, labels, values)
+        return values[0]
+
+    assert one("mtlsproxy_requests_total", status_class="2xx") == 4
+    assert one("mtlsproxy_requests_total", status_class="4xx") == 2
+    assert one("mtlsproxy_request_duration_seconds_count") == 6
+    assert one("mtlsproxy_handshakes_total", result="ok") == 2
+    assert one("mtlsproxy_client_connections") == 4
+    assert one("mtlsproxy_backend_connections") == 2
+    assert one("mtlsproxy_reloads_total", result="ok") == 2
+    assert one("mtlsproxy_last_reload_successful") == 1
+    assert one("mtlsproxy_last_reload_timestamp_seconds") == 1700000002.0
+    assert one("mtlsproxy_info", version=__version__) == 1
+    expiries = {
+        (s.labels["kind"], s.labels["subject"], s.labels["fingerprint"]): s.value
+        for s in found["mtlsproxy_expiry_timestamp_seconds"]
+    }
+    assert expiries == {
+        ("server", "CN=new", "bbbb"): 2050000000.0,
+        ("ca", "CN=ca", "cccc"): 2100000000.0,
+    }
+    assert len(found["mtlsproxy_expiry_timestamp_seconds"]) == 2
+
+    metrics.mark_dead(first)
+    found = _scrape(metrics)
+    assert one("mtlsproxy_client_connections") == 2  # the dead worker's are gone
+    assert one("mtlsproxy_requests_total", status_class="2xx") == 4  # its requests stay
+    assert len(found["mtlsproxy_expiry_timestamp_seconds"]) == 2
+    remove_multiprocess_dir(directory)
+
+
+def test_single_process_metrics_ignore_multiprocess_modes(monkeypatch) -> None:
+    """Without PROMETHEUS_MULTIPROC_DIR: gauges read at scrape time, expiries cleared."""
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    m = Metrics(process=False)
+    assert not m.multiprocess
+    m.watch_connections(lambda: 3)
+    m.refresh()  # nothing to write down
+    assert value(m, "mtlsproxy_client_connections") == 3

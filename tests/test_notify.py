@@ -95,3 +95,21 @@ def test_unsupported_address_is_ignored() -> None:
     assert notify.notify("READY=1", environ={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
     assert notify.socket_address("@x") == b"\0x"
     assert notify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
+
+
+def test_reload_status_says_whether_the_reload_worked() -> None:
+    """
+    A failed reload still ends in READY=1, so its STATUS= must say so; a good
+    one sends a status too, replacing an earlier failure's.
+    """
+    assert notify.reload_status(None) == notify.RELOAD_OK
+    failed = notify.reload_status("crl.pem: not a CRL")
+    assert failed.startswith("reload failed") and "crl.pem: not a CRL" in failed
+
+
+def test_ready_with_a_reload_failure_is_one_datagram(receiver: tuple[socket.socket, str]) -> None:
+    sock, path = receiver
+    notify.ready(notify.reload_status("bad\nfile"), environ={"NOTIFY_SOCKET": path})
+    assert sock.recv(4096) == (
+        b"READY=1\nSTATUS=reload failed, keeping the current certificates: bad file"
+    )

@@ -82,7 +82,9 @@ def verify(paths: list[Path]) -> None:
 
 
 needs_systemd_analyze = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed"
+    SYSTEMD_ANALYZE is None,
+    reason="systemd-analyze is not installed (Debian package systemd; "
+    "scripts/system-deps.sh installs it)",
 )
 
 

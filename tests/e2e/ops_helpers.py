@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,12 +38,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import certfactory as cf
 
 from .harness import (
+    ClientCert,
     ConnectionClosed,
     HttpResponse,
     Proxy,
+    ProxyLauncher,
     TlsConnection,
     build_request,
     read_response,
+    require,
     wait_for,
 )
 
@@ -111,11 +115,55 @@ class ServerFiles:
         replace_file(self.cert, issued.cert_pem())
 
 
-def write_crl(path: Path, ca: cf.Issued, revoked: Sequence[x509.Certificate]) -> Path:
+def write_crl(
+    path: Path,
+    ca: cf.Issued,
+    revoked: Sequence[x509.Certificate],
+    next_update_days: float = 7,
+) -> Path:
     """A PEM CRL from C{ca} listing C{revoked}, put in place by rename."""
-    crl = cf.make_crl(ca, list(revoked))
+    crl = cf.make_crl(ca, list(revoked), next_update_days=next_update_days)
     replace_file(path, crl.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def keystore_bytes(issued: cf.Issued, password: str) -> bytes:
+    """A PKCS#12 keystore holding C{issued}'s key, certificate and chain."""
+    return pkcs12.serialize_key_and_certificates(
+        b"server",
+        issued.key,
+        issued.cert,
+        list(issued.chain) or None,
+        serialization.BestAvailableEncryption(password.encode()),
+    )
+
+
+def client_files(directory: Path, issued: cf.Issued, cn: str) -> ClientCert:
+    """A client certificate from any CA (not only the test PKI's), as L{Proxy.tls} takes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = issued.write(directory, f"client-{cn}")
+    return ClientCert(cn, cn, cert, key, issued)
+
+
+def obey_file_permissions(launcher: ProxyLauncher) -> None:
+    """
+    Make the proxies C{launcher} starts from now on subject to file
+    permissions, as the C{mtlsproxy} service user is under systemd.
+
+    The tests run as root, which reads any file whatever its mode; so, as
+    root, the proxy runs under C{setpriv} without the two capabilities that
+    bypass permission checks (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).  A
+    file of root's with mode 0000 is then unreadable to it, and the Python
+    installation under /root (0700, root's own) stays readable.
+    """
+    if os.geteuid() != 0:
+        return  # an ordinary user obeys file permissions already
+    setpriv = require("setpriv")
+    caps = "-dac_override,-dac_read_search"
+    command = launcher.command
+    launcher.command = lambda args: [  # type: ignore[method-assign]
+        setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", *command(args)
+    ]
 
 
 def served_certificate(conn: TlsConnection) -> x509.Certificate:
@@ -218,11 +266,15 @@ def listening_tcp_ports() -> set[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Notification:
-    """One sd_notify datagram, when it came, and which ports listened at that moment."""
+    """
+    One sd_notify datagram, when it came, and which ports listened at that
+    moment; C{seen}: what the socket's C{snapshot} returned at that moment.
+    """
 
     text: str
     received: float
     listening: frozenset[int]
+    seen: object = None
 
     @property
     def fields(self) -> dict[str, str]:
@@ -238,9 +290,13 @@ class NotifySocket:
     """
     What systemd does for C{Type=notify}: an C{AF_UNIX} datagram socket named by
     C{NOTIFY_SOCKET}, here read by a thread that notes each message as it arrives.
+
+    @ivar snapshot: if set, called as each message arrives; its result is the
+        message's C{seen} (e.g. the proxy's log at that moment).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot: Callable[[], object] | None = None) -> None:
+        self.snapshot = snapshot
         # A short path: AF_UNIX addresses are limited to 107 bytes.
         self.dir = Path(tempfile.mkdtemp(prefix="mtlsn-", dir="/tmp"))
         self.path = self.dir / "notify"
@@ -261,6 +317,7 @@ class NotifySocket:
             message = Notification(
                 data.decode("utf-8", "replace"), time.monotonic(),
                 frozenset(listening_tcp_ports()),
+                self.snapshot() if self.snapshot is not None else None,
             )
             with self._lock:
                 self._messages.append(message)

@@ -1,14 +1,17 @@
 """
-Operating the daemon as docs/systemd.md describes it: SIGHUP and
---reload-interval reloads (certificates, keys, CRLs, and what that does to TLS
-session resumption), sd_notify around start, reload and stop, the --metrics
-listener (/metrics, /healthz, /readyz), the graceful stop on SIGTERM with
---shutdown-timeout, and expiry warnings in the log and in `mtlsproxy check`.
+Operating the daemon as the README's "Running under systemd" section
+describes it: SIGHUP and --reload-interval reloads (certificates, keys, CAs,
+CRLs, what that does to requests in flight and to TLS session resumption, and
+a fix made with chmod alone), sd_notify around start, reload and stop, the
+--metrics listener (/metrics, /healthz, /readyz), the graceful stop on
+SIGTERM with --shutdown-timeout, and expiry warnings in the log and in
+`mtlsproxy check`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
 import ssl
@@ -35,10 +38,14 @@ from .ops_helpers import (
     Scrape,
     ServerFiles,
     attempt_with_session,
+    client_files,
     http_get,
+    keystore_bytes,
     log_count,
     make_server_cert,
     new_connection_serial,
+    obey_file_permissions,
+    replace_file,
     run_check,
     served_certificate,
     wait_for_log_count,
@@ -52,6 +59,19 @@ TLS_VERSIONS = [
     pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
     pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
 ]
+
+#: How a client resumes: (TLS version, whether it takes session tickets).
+#: Without tickets (ssl.OP_NO_TICKET), a TLS 1.2 client resumes by session
+#: id, from the server's session cache: another store than the tickets,
+#: which a reload must handle too.
+RESUMPTION = [
+    pytest.param((ssl.TLSVersion.TLSv1_2, True), id="tls1.2"),
+    pytest.param((ssl.TLSVersion.TLSv1_3, True), id="tls1.3"),
+    pytest.param((ssl.TLSVersion.TLSv1_2, False), id="tls1.2-session-cache"),
+]
+
+#: the log line of a reload that swapped in new material
+SWAPPED = r"reloaded certificates, CA and CRLs"
 
 
 @pytest.fixture
@@ -138,6 +158,15 @@ def test_sighup_with_invalid_key_keeps_old_certificate(start_proxy, pki, server_
 # -- CRL reload and TLS session resumption ---------------------------------------------
 
 
+def _resumption_context(proxy, client, resumption) -> ssl.SSLContext:
+    """A client context for one of the RESUMPTION ways."""
+    version, tickets = resumption
+    context = proxy.context(client, min_version=version, max_version=version)
+    if not tickets:
+        context.options |= ssl.OP_NO_TICKET
+    return context
+
+
 def _resumable_session(proxy, context) -> ssl.SSLSession:
     """
     A session the proxy resumes right now: made by a full handshake, then shown
@@ -148,22 +177,38 @@ def _resumable_session(proxy, context) -> ssl.SSLSession:
         assert first.request("GET", "/echo/full").echo().values("X-Client-Cert-CN")
         assert not first.session_reused
         session = first.session
+        _close_notify(first)
     assert session is not None
     with proxy.tls(context=context, session=session) as second:
         assert second.session_reused, "control: the proxy did not resume a fresh session"
         assert second.request("GET", "/echo/resumed").status == 200
         latest = second.session
+        _close_notify(second)
     assert latest is not None
     return latest
 
 
-@pytest.mark.parametrize("version", TLS_VERSIONS)
+def _close_notify(conn: TlsConnection) -> None:
+    """
+    End the connection as curl, openssl s_client or Go do: with a TLS
+    close_notify.  OpenSSL forgets a cached session whose connection ended
+    without one (the proxy never shut it down), so a TLS 1.2 client without
+    tickets that just drops the TCP connection is not resumed.
+    """
+    try:
+        conn.sock.unwrap()
+    except (ssl.SSLError, OSError):
+        pass  # the session is what matters here, not a tidy goodbye
+
+
+@pytest.mark.parametrize("resumption", RESUMPTION)
 def test_crl_reload_refuses_resumption_of_revoked_client(
-    start_proxy, pki, tmp_path, version
+    start_proxy, pki, tmp_path, resumption
 ):
     """
     Started with --crl (an empty CRL from the CA), a client gets a TLS session
-    (a TLS 1.2 session or a TLS 1.3 ticket) that resumes.  Then a CRL revoking
+    (a TLS 1.2 ticket, a TLS 1.3 ticket, or a TLS 1.2 session id in the
+    server's session cache) that resumes.  Then a CRL revoking
     that client is written and the proxy gets SIGHUP: offering the old session
     is NOT resumed, and the full handshake is refused with "certificate
     revoked", so a revoked client cannot ride in on a session from before.
@@ -171,7 +216,7 @@ def test_crl_reload_refuses_resumption_of_revoked_client(
     client = pki.get("ops-crl-client")
     crl = write_crl(tmp_path / "crl.pem", pki.ca, [])
     proxy = start_proxy("--crl", str(crl))
-    context = proxy.context(client, min_version=version, max_version=version)
+    context = _resumption_context(proxy, client, resumption)
     session = _resumable_session(proxy, context)
 
     write_crl(crl, pki.ca, [client.issued.cert])
@@ -185,15 +230,15 @@ def test_crl_reload_refuses_resumption_of_revoked_client(
     assert proxy.running, proxy.log_text()
 
 
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_reload_without_trust_change_keeps_sessions_resumable(start_proxy, pki, version):
+@pytest.mark.parametrize("resumption", RESUMPTION)
+def test_reload_without_trust_change_keeps_sessions_resumable(start_proxy, pki, resumption):
     """
     A SIGHUP that finds the same certificates, key, CA and CRLs keeps the
     running context: a session made before it is still resumed, and the
     resumed connection still carries the client's identity.
     """
     proxy = start_proxy()
-    context = proxy.context(min_version=version, max_version=version)
+    context = _resumption_context(proxy, "client", resumption)
     session = _resumable_session(proxy, context)
 
     proxy.proc.send_signal(signal.SIGHUP)
@@ -203,6 +248,62 @@ def test_reload_without_trust_change_keeps_sessions_resumable(start_proxy, pki, 
     assert attempt.response is not None, attempt
     assert attempt.response.echo().values("X-Client-Cert-CN") == ["client"]
     assert attempt.resumed is True, f"not resumed after a no-op reload: {attempt}"
+
+
+@pytest.mark.parametrize("resumption", RESUMPTION)
+def test_ca_change_refuses_old_clients_and_their_sessions(start_proxy, pki, tmp_path, resumption):
+    """
+    The --ca file is replaced by another CA's certificate and the proxy gets
+    SIGHUP: a client of the old CA can neither resume its session (a resumed
+    session skips verification) nor make a full handshake ("unknown CA"),
+    while a client of the new CA gets in.
+    """
+    ca_file = tmp_path / "trusted-ca.pem"
+    ca_file.write_bytes(pki.ca_cert.read_bytes())
+    proxy = start_proxy(ca=ca_file)
+    context = _resumption_context(proxy, "client", resumption)
+    session = _resumable_session(proxy, context)
+
+    other_ca = cf.make_ca("mtlsproxy e2e replacement CA")
+    replace_file(ca_file, cf.pem(other_ca.cert))
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for_log_count(proxy, SWAPPED, 1)
+
+    attempt = attempt_with_session(proxy.port, context, session)
+    assert attempt.resumed is not True, f"the old CA's client resumed its session: {attempt}"
+    assert attempt.response is None, f"the old CA's client got an answer: {attempt}"
+    proxy.wait_for_log(rf"refused {re.escape(attempt.peer)}: unknown CA")
+
+    newcomer = client_files(tmp_path / "newcomer", cf.make_client(other_ca, "newcomer"), "newcomer")
+    with proxy.tls(newcomer) as conn:
+        response = conn.request("GET", "/echo/new-ca")
+    assert response.status == 200, response
+    assert response.echo().values("X-Client-Cert-CN") == ["newcomer"]
+    assert proxy.running, proxy.log_text()
+
+
+def test_request_in_flight_across_sighup_completes(start_proxy, pki, server_files, backend):
+    """
+    A request the backend answers after 3 s is in flight when the
+    certificate is replaced and the proxy gets SIGHUP: the reload happens
+    while it waits, and the client still gets its complete 200.
+    """
+    proxy = start_proxy(cert=server_files.cert, key=server_files.key)
+    outcome: dict = {}
+    thread = _download_in_thread(proxy, "/slow?delay=3", outcome)
+    wait_for(lambda: backend.requests(), 10, "the request to reach the backend")
+
+    server_files.install(cf.make_server(pki.ca))
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for_log_count(proxy, SWAPPED, 1)
+    assert "ended" not in outcome, "the request ended before the reload: nothing was tested"
+
+    thread.join(20)
+    assert "error" not in outcome, f"{outcome}\n{proxy.log_text()}"
+    response = outcome["response"]
+    assert response.status == 200, response
+    assert response.body == b"slept 3 s\n"
+    assert proxy.running, proxy.log_text()
 
 
 # -- --reload-interval -----------------------------------------------------------------
@@ -226,6 +327,52 @@ def test_reload_interval_picks_up_replaced_certificate(start_proxy, pki, server_
         10,
         "new handshakes to present the renewed certificate",
     )
+    assert proxy.running, proxy.log_text()
+
+
+def test_reload_interval_picks_up_a_fix_made_with_chmod(launcher, pki, tmp_path):
+    """
+    --reload-interval 1 with a keystore, the proxy subject to file
+    permissions as the service user is: a renewed keystore arrives that the
+    proxy cannot read (mode 0000, as a file copied by root without the
+    service's group).  The reload fails, logged once naming the file, and
+    the old certificate stays.  Then chmod alone (content, size and mtime
+    unchanged) fixes it: the proxy reloads and new handshakes present the
+    renewed certificate.
+    """
+    obey_file_permissions(launcher)
+    password = "renewal-secret"
+    password_file = tmp_path / "keystore.pass"
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    keystore = tmp_path / "keystore.p12"
+    keystore.write_bytes(keystore_bytes(pki.server, password))
+    keystore.chmod(0o600)
+    proxy = launcher.start(
+        "--keystore", str(keystore), "--keystore-password-file", str(password_file),
+        "--reload-interval", "1", cert=None, key=None,
+    )
+    assert new_connection_serial(proxy) == pki.server.cert.serial_number
+
+    renewed = cf.make_server(pki.ca)
+    incoming = tmp_path / ".keystore.p12.new"
+    incoming.write_bytes(keystore_bytes(renewed, password))
+    incoming.chmod(0)
+    os.replace(incoming, keystore)
+    line = proxy.wait_for_log(rf"{RELOAD_FAILED}.*", timeout=10).group(0)
+    assert f"{keystore.name}: permission denied" in line, line
+    assert new_connection_serial(proxy) == pki.server.cert.serial_number
+
+    mtime = keystore.stat().st_mtime_ns
+    keystore.chmod(0o600)
+    assert keystore.stat().st_mtime_ns == mtime
+    wait_for(
+        lambda: new_connection_serial(proxy) == renewed.cert.serial_number,
+        10,
+        "new handshakes to present the renewed certificate",
+    )
+    assert log_count(proxy, SWAPPED) == 1, proxy.log_text()
+    assert log_count(proxy, RELOAD_FAILED) == 1, proxy.log_text()
     assert proxy.running, proxy.log_text()
 
 
@@ -446,6 +593,32 @@ def test_expiring_certificate_warned_at_start_and_by_check(start_proxy, pki, tmp
     warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("WARNING:")]
     assert any(re.search(warning, ln) for ln in warnings), shown
     assert "ERROR" not in done.stderr and "Traceback" not in done.stderr + done.stdout, shown
+
+
+def test_crl_due_soon_warned_at_start_and_by_check(start_proxy, pki, tmp_path, backend):
+    """
+    A CRL whose nextUpdate is 3 days away: the proxy starts and serves, and
+    its start-up log warns that the CRL is due, naming its issuer, because
+    past that date every client of that CA is refused; `mtlsproxy check`
+    prints the same warning and exits 0.
+    """
+    crl = write_crl(tmp_path / "due-crl.pem", pki.ca, [], next_update_days=3)
+    issuer = re.escape(pki.ca.cert.subject.rfc4514_string())
+    warning = rf"CRL from {issuer} is due for its next update in [23] days"
+
+    proxy = start_proxy("--crl", str(crl))
+    line = proxy.wait_for_log(r".*" + warning + r".*").group(0)
+    assert "warn" in line.lower(), f"not logged as a warning: {line}"
+    assert proxy.curl("/echo/crl-due").status == 200
+
+    done = run_check(
+        "--backend", backend.url, "--cert", str(pki.server_cert), "--key", str(pki.server_key),
+        "--ca", str(pki.ca_cert), "--crl", str(crl),
+    )
+    shown = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, shown
+    warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("WARNING:")]
+    assert any(re.search(warning, ln) for ln in warnings), shown
 
 
 def test_check_key_not_matching_certificate(pki, backend):
