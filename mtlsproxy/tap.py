@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from twisted.application.service import MultiService
+from twisted.logger import Logger, textFileLogObserver
 from twisted.python import usage
 
 from . import __version__
@@ -150,5 +152,75 @@ def _reactor() -> Any:
 
 
 def makeService(options: Options) -> Any:
-    """twistd's entry point: the service was built and checked in C{postOptions}."""
+    """
+    twistd's entry point: the service was built and checked in C{postOptions}.
+
+    When twistd is about to daemonise, the listening sockets are opened here,
+    before the fork: see L{open_before_daemonising}.
+    """
+    twistd = options.parent
+    if twistd is not None and daemonising(twistd):
+        return open_before_daemonising(options.service, daemon_log_file(twistd))
     return options.service
+
+
+def daemonising(twistd: Any) -> bool:
+    """Whether twistd (its own options, C{twistd}) will fork into the background."""
+    return not (twistd.get("nodaemon") or twistd.get("debug"))
+
+
+def daemon_log_file(twistd: Any) -> str | None:
+    """
+    The file a daemonising twistd will log to (C{--logfile}, else
+    C{twistd.log}), or C{None} when it logs to syslog or through a
+    C{--logger} of the operator's choosing.
+    """
+    if twistd.get("syslog") or twistd.get("logger"):
+        return None
+    name = twistd.get("logfile") or "twistd.log"
+    return None if name == "-" else str(name)
+
+
+class _OpenedBeforeDaemonising(MultiService):
+    """The proxy service, whose C{privilegedStartService} already ran."""
+
+    def privilegedStartService(self) -> None:
+        pass  # done before the fork, in open_before_daemonising
+
+
+def open_before_daemonising(service: Any, log_file: str | None) -> MultiService:
+    """
+    Open the listeners now (C{privilegedStartService}), in the process
+    twistd started, and return the service wrapped so that twistd does not
+    open them again.
+
+    A daemonising twistd forks first and only then starts the service: the
+    child's standard error is C{/dev/null}, and its parent waits for a word
+    on a status pipe that a C{SystemExit} never sends, so a port already in
+    use left the command hanging with nothing said.  Here the line reaches
+    the operator's terminal, the command exits 1, and the line is appended
+    to the log file twistd would have used, which is not open yet.  The
+    sockets are inherited across twistd's fork.
+    """
+    from .service import ListenFailed
+
+    try:
+        service.privilegedStartService()
+    except ListenFailed as e:
+        if log_file is not None:
+            append_log_line(log_file, e.line)
+        raise
+    wrapper = _OpenedBeforeDaemonising()
+    service.setServiceParent(wrapper)
+    return wrapper
+
+
+def append_log_line(path: str, line: str) -> None:
+    """C{line} as an error in C{path}, in the format of twistd's own log file; best effort."""
+    try:
+        with open(path, "a") as f:
+            Logger(namespace="mtlsproxy", observer=textFileLogObserver(f)).error(
+                "{line}", line=line
+            )
+    except OSError:
+        pass  # the operator already has the line on stderr

@@ -18,6 +18,7 @@ from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from mtlsproxy.config import Backend
@@ -810,3 +811,141 @@ def test_protocol_names_in_bodies_and_headers_are_not_mistaken_for_request_lines
     received = h.backend_received()
     assert received.startswith(b"POST /upload HTTP/1.1\r\n")
     assert received.endswith(body)
+
+
+# -- extension methods (RFC 9110 9.1: any token) ------------------------------
+
+
+@pytest.fixture
+def access_lines() -> Any:
+    """The C{line} of every access-log event while the test runs."""
+    lines: list[str] = []
+
+    def observe(event: Any) -> None:
+        if event.get("log_namespace") == "mtlsproxy.access":
+            lines.append(event["line"])
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.mark.parametrize(
+    "method", [b"FOOBAR", b"BREW", b"X-CUSTOM", b"get", b"GETX", b"M!#$%&'*+.^_`|~9"]
+)
+def test_extension_method_is_forwarded(client_cert: Any, method: bytes) -> None:
+    """A method llhttp does not know, but a valid token, reaches the backend unchanged."""
+    h = Harness(client_cert)
+    h.send(method + b" /x?y HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    received = h.backend_received()
+    assert head_lines(received)[0] == method + b" /x?y HTTP/1.1"
+    assert received.endswith(b"\r\n\r\nabc")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.client_received().startswith(b"HTTP/1.1 200 OK")
+
+
+def test_extension_method_split_across_reads(client_cert: Any) -> None:
+    """The request line of an extension method arriving a few bytes at a time."""
+    h = Harness(client_cert)
+    for piece in (b"BR", b"EW /po", b"t HTTP/1.1\r", b"\nHost: a\r\n", b"\r\n"):
+        h.send(piece)
+    assert head_lines(h.backend_received())[0] == b"BREW /pot HTTP/1.1"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /1 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nBRE\r\n0\r\n\r\n",
+        b"FOOBAR /1 HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=["after-get", "after-chunked-body", "after-extension"],
+)
+def test_pipelined_extension_methods(client_cert: Any, first: bytes) -> None:
+    """An extension method pipelined behind another request in the same read, then a GET."""
+    h = Harness(client_cert)
+    h.send(first + b"BREW /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(3):
+        h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    sent = b"".join(c.transport.value() for c in h.endpoint.connections)
+    lines = [line for line in sent.split(b"\r\n") if line.endswith(b" HTTP/1.1")]
+    assert lines[1:] == [b"BREW /2 HTTP/1.1", b"GET /3 HTTP/1.1"]
+    assert h.client_received().count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_many_extension_requests_in_one_read(client_cert: Any) -> None:
+    """Thousands of pipelined extension-method requests in one read: no recursion limit."""
+    h = Harness(client_cert)
+    h.send(b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n" * 3000)
+    assert head_lines(h.backend_received())[0] == b"FOO / HTTP/1.1"
+    assert not h.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"BRE(W / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "BR\u00c9W / HTTP/1.1\r\nHost: a\r\n\r\n".encode(),
+        b"BREW / RTSP/1.0\r\nHost: a\r\n\r\n",
+        b"BREW  / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"BREW / HTTP/1.1\nHost: a\r\n\r\n",
+        b"BREW /\r\nHost: a\r\n\r\n",
+        b"\x00BREW / HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=["paren", "non-ascii", "rtsp", "two-spaces", "bare-lf", "no-version", "nul"],
+)
+def test_invalid_method_or_line_still_gets_400(client_cert: Any, request_bytes: bytes) -> None:
+    h = Harness(client_cert)
+    h.send(request_bytes)
+    assert h.client_received().startswith(b"HTTP/1.1 400 ")
+    assert h.transport.disconnecting
+    assert h.endpoint.connections == []
+
+
+def test_endless_extension_request_line_gets_431(client_cert: Any) -> None:
+    h = Harness(client_cert)
+    h.send(b"BREW /" + b"x" * (SETTINGS.max_header_bytes + 10))
+    assert h.client_received().startswith(b"HTTP/1.1 431 ")
+    assert h.endpoint.connections == []
+
+
+def test_extension_method_with_bad_framing_gets_400_and_its_access_line(
+    client_cert: Any, access_lines: list[str]
+) -> None:
+    """The refusal of an extension-method request names the real method in its access line."""
+    h = Harness(client_cert)
+    h.send(
+        b"BREW /pot HTTP/1.1\r\nHost: a\r\n"
+        b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert h.client_received().startswith(b"HTTP/1.1 400 ")
+    assert len(access_lines) == 1
+    assert '"BREW /pot HTTP/1.1" 400 ' in access_lines[0]
+
+
+def test_extension_method_split_after_a_handled_one(client_cert: Any) -> None:
+    """An extension request, then another whose method is cut by the end of the read."""
+    h = Harness(client_cert)
+    h.send(b"FOOBAR /1 HTTP/1.1\r\nHost: a\r\n\r\nB")
+    h.send(b"REW /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(2):
+        h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    sent = b"".join(c.transport.value() for c in h.endpoint.connections)
+    lines = [line for line in sent.split(b"\r\n") if line.endswith(b" HTTP/1.1")]
+    assert lines == [b"FOOBAR /1 HTTP/1.1", b"BREW /2 HTTP/1.1"]
+
+
+def test_long_extension_method_counts_towards_the_head_limit(client_cert: Any) -> None:
+    """A whole request line whose extension method alone is above --max-header-bytes: 431."""
+    h = Harness(client_cert)
+    h.send(b"A" * (SETTINGS.max_header_bytes + 1) + b" / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.client_received().startswith(b"HTTP/1.1 431 ")
+    assert h.endpoint.connections == []
+
+
+def test_extension_method_and_headers_together_above_the_limit_get_431(client_cert: Any) -> None:
+    h = Harness(client_cert)
+    half = SETTINGS.max_header_bytes // 2
+    h.send(b"B" * half + b" / HTTP/1.1\r\nHost: a\r\nX-Fill: " + b"f" * half + b"\r\n\r\n")
+    assert h.client_received().startswith(b"HTTP/1.1 431 ")
+    assert h.endpoint.connections == []

@@ -78,3 +78,35 @@ def test_response_framing_headers_are_dropped() -> None:
     assert response_headers_for_client(headers, connection_tokens(headers)) == [
         (b"Set-Cookie", b"a=1")
     ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"Proxy", b"proxy", b"PROXY", b"Proxy_Connection", b"proxy_authorization", b"Keep_Alive",
+     b"KEEP_ALIVE", b"Transfer_Encoding", b"Upgrade", b"x-forwarded", b"X_Forwarded",
+     b"X-Real-IP", b"x_real_ip"],
+)
+def test_httpoxy_underscore_hop_by_hop_and_client_address_headers_are_dropped(
+    name: bytes,
+) -> None:
+    """
+    Proxy (httpoxy, CVE-2016-5385), hop-by-hop names spelled with '_', and
+    the headers other proxies use to name the client never reach the backend.
+    """
+    headers = [(b"Accept", b"a"), (name, b"http://evil:1"), (b"X-Kept", b"k")]
+    assert request_headers_for_backend(headers, frozenset()) == [
+        (b"Accept", b"a"), (b"X-Kept", b"k")
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", [b"Proxyish", b"X-Proxy", b"X-Forwarded2", b"X-Real-IPs", b"Real-IP"]
+)
+def test_names_merely_like_the_dropped_ones_are_kept(name: bytes) -> None:
+    """Only the exact names (in any spelling) are dropped, not names that contain them."""
+    assert request_headers_for_backend([(name, b"v")], frozenset()) == [(name, b"v")]
+
+
+def test_response_hop_by_hop_names_spelled_with_underscore_are_dropped() -> None:
+    headers = [(b"Keep_Alive", b"timeout=5"), (b"Proxy_Connection", b"close"), (b"ETag", b"x")]
+    assert response_headers_for_client(headers, frozenset()) == [(b"ETag", b"x")]

@@ -18,11 +18,14 @@ Headers = list[tuple[bytes, bytes]]
 
 #: Headers only the proxy may set (compared after lower-casing and "_" -> "-"):
 #: the identity headers (with RFC 9440's Client-Cert and Client-Cert-Chain,
-#: whatever --forward-cert says) and every forwarding header.
-_RESERVED_EXACT = frozenset({b"forwarded"}) | reserved_extra_names()
+#: whatever --forward-cert says) and every forwarding header, with the ones
+#: other proxies use to say who the client is (X-Real-IP, a bare X-Forwarded):
+#: a backend that reads them must only ever see what a proxy wrote.
+_RESERVED_EXACT = frozenset({b"forwarded", b"x-forwarded", b"x-real-ip"}) | reserved_extra_names()
 _RESERVED_PREFIXES = (b"x-client-cert", b"x-forwarded-")
 
-#: Hop-by-hop headers (RFC 9110 section 7.6.1), handled per connection.
+#: Hop-by-hop headers (RFC 9110 section 7.6.1), handled per connection;
+#: compared after "_" -> "-", as backends that read both spellings would.
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -68,10 +71,17 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
 _NOT_NAMEABLE = frozenset({b"host", b"content-length"})
 
 
-def _is_hop_by_hop(lower: bytes, named: frozenset[bytes]) -> bool:
+#: httpoxy (CVE-2016-5385): CGI turns a request's C{Proxy} header into
+#: C{HTTP_PROXY}, which HTTP client libraries take as their proxy; no client
+#: has a reason to send it (nginx and Apache advise dropping it).
+_HTTPOXY = b"proxy"
+
+
+def _is_hop_by_hop(lower: bytes, normal: bytes, named: frozenset[bytes]) -> bool:
+    """C{lower}: the name lower-cased; C{normal}: that with C{_} read as C{-}."""
     return (
-        lower in _HOP_BY_HOP
-        or lower.startswith(b"proxy-")
+        normal in _HOP_BY_HOP
+        or normal.startswith(b"proxy-")
         or (lower in named and lower not in _NOT_NAMEABLE)
     )
 
@@ -82,17 +92,21 @@ def request_headers_for_backend(
     """
     The client's end-to-end headers, minus everything reserved for the proxy.
 
-    C{Expect} is dropped too: the proxy answers C{100-continue} itself; and
+    C{Expect} is dropped too: the proxy answers C{100-continue} itself;
     C{Content-Length}, which the proxy writes itself in canonical form (one
-    field, no leading zeros) so the backend reads exactly the length checked.
+    field, no leading zeros) so the backend reads exactly the length checked;
+    and C{Proxy} (httpoxy).
     """
     kept: Headers = []
     for name, value in headers:
         lower = name.lower()
+        normal = lower.replace(b"_", b"-")
         if (
-            _is_hop_by_hop(lower, connection)
+            _is_hop_by_hop(lower, normal, connection)
             or lower in (b"expect", b"content-length")
-            or _is_reserved_lower(lower)
+            or normal == _HTTPOXY
+            or normal.startswith(_RESERVED_PREFIXES)
+            or normal in _RESERVED_EXACT
         ):
             continue
         kept.append((name, value))
@@ -106,6 +120,7 @@ def response_headers_for_client(
     kept: Headers = []
     for name, value in headers:
         lower = name.lower()
-        if lower != b"content-length" and not _is_hop_by_hop(lower, connection):
+        normal = lower.replace(b"_", b"-") if b"_" in lower else lower
+        if lower != b"content-length" and not _is_hop_by_hop(lower, normal, connection):
             kept.append((name, value))
     return kept

@@ -195,6 +195,99 @@ def _other_protocol(chunks: list[bytes], method: bytes, url: bytes) -> str | Non
     return None
 
 
+#: RFC 9110 5.6.2 tchar: what a method token may be made of
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+#: a request line with a method token, cut short by the end of the input
+_LINE_PREFIX = re.compile(rb"(" + _TCHAR + rb"+)(?: [^ \r\n]*(?: [^\r\n]*)?)?\r?\Z")
+#: a whole request line whose method llhttp does not know
+_EXTENSION_LINE = re.compile(
+    rb"(" + _TCHAR + rb"+) [^ \r\n]+ (HTTP|RTSP|ICE)/[0-9]\.[0-9]\r\n"
+)
+#: the method llhttp parses an extension-method request under: one with no
+#: special framing in requests (only CONNECT and HEAD have any)
+_PLACEHOLDER_METHOD = b"GET"
+
+
+def _llhttp_knows(method: bytes) -> bool:
+    """Whether llhttp parses C{method} itself (then it cannot be the one it refused)."""
+    parser = httptools.HttpRequestParser(None)
+    try:
+        parser.feed_data(method + b" / HTTP/1.1\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return False
+    except httptools.HttpParserError:
+        pass
+    return True
+
+
+def _extension_request_start(raw: bytes, first: int) -> int | None:
+    """
+    Where, in C{raw} (the chunks a request head arrived in, joined), the
+    request that llhttp refused for its method begins; C{None} when nowhere
+    looks like a request line with a method llhttp does not know.
+
+    httptools reports no offsets: all that is known is that the request
+    began in the first chunk (before C{first}), at its start or just after a
+    line feed (llhttp skips blank lines between requests), unless a
+    pipelined request's body ended mid-line.  The first such place whose
+    line is a whole request line with an unknown method is taken: a header
+    line never is one (a name ends in C{:}), nor is an earlier request's
+    line (llhttp knew its method; the chunks hold an extension-method
+    request already handled as llhttp saw it, under the placeholder), and
+    requests pipelined after the refused one come later.  Failing that, the
+    last line, when it is the unfinished start of one.  So only a line of an
+    earlier request's body in the same read that is itself a whole request
+    line can be taken wrongly, and a request pipelined after a body not
+    ending in a line feed is refused (400), as before.
+    """
+    starts = [0]
+    at = raw.find(b"\n")
+    while 0 <= at < first - 1:
+        starts.append(at + 1)
+        at = raw.find(b"\n", at + 1)
+    for start in starts:
+        line = _EXTENSION_LINE.match(raw, start)
+        if line is not None and not _llhttp_knows(line.group(1)):
+            return start
+    last = starts[-1]
+    if raw.find(b"\n", last) < 0:
+        prefix = _LINE_PREFIX.match(raw, last)
+        if prefix is not None and not _llhttp_knows(prefix.group(1)):
+            return last
+    return None
+
+
+class _ExtensionMethodParser:
+    """
+    The parser while llhttp parses an extension-method request under
+    C{_PLACEHOLDER_METHOD}: C{get_method} (asked once per request, when its
+    head is complete) answers the real method and gives the connection its
+    plain parser back, so that known methods never pass through here.
+    """
+
+    __slots__ = ("parser", "method", "client")
+
+    def __init__(self, parser: Any, method: bytes, client: ClientConnection) -> None:
+        self.parser = parser
+        self.method = method
+        self.client = client
+
+    def feed_data(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def get_http_version(self) -> str:
+        return self.parser.get_http_version()  # type: ignore[no-any-return]
+
+    def should_upgrade(self) -> bool:
+        return self.parser.should_upgrade()  # type: ignore[no-any-return]
+
+    def get_method(self) -> bytes:
+        client = self.client
+        client.parser = self.parser
+        client._extension_head = (self.method, client._url)
+        return self.method
+
+
 def _status_line(status: int, reason: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
@@ -248,6 +341,10 @@ class ClientConnection(Protocol):
         #: the raw chunks the current request head arrived in (see _other_protocol)
         self._chunk = b""
         self._head_chunks: list[bytes] = []
+        #: offset in the joined _head_chunks where an extension-method request begins
+        self._extension_at = 0
+        #: (method, target) of the last extension-method request, for the refusal's access line
+        self._extension_head: tuple[bytes, bytes] | None = None
 
     # -- connection life --------------------------------------------------
 
@@ -464,7 +561,18 @@ class ClientConnection(Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            failed: Exception = e
+        else:
+            return
+        # Outside the except block: parsing may go on (an extension method),
+        # and an exception raised while this one is handled would take it
+        # as its __context__, hiding the cause httptools records there.
+        self._parse_failed(failed)
+
+    def _parse_failed(self, e: Exception) -> None:
+        """What llhttp stopped at: an upgrade, a refusal of ours, or malformed input."""
+        if isinstance(e, httptools.HttpParserUpgrade):
             # The head was complete and has been queued without its Upgrade
             # header; what follows is not HTTP, so the connection ends with
             # this request.
@@ -473,7 +581,7 @@ class ClientConnection(Protocol):
                 self._body_complete(self.parsing)
             self.broken = (0, "upgrade requested")
             self.pause("upgrade")
-        except httptools.HttpParserCallbackError as e:
+        elif isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _Closing):
                 self.pause("closing")
@@ -484,8 +592,84 @@ class ClientConnection(Protocol):
             else:
                 self._break(500, f"internal error: {cause!r}")
                 log.failure("request handling failed", Failure(cause) if cause else None)
-        except httptools.HttpParserError as e:
+        elif isinstance(e, httptools.HttpParserInvalidMethodError) and self._extension_found():
+            self._feed_extension(b"")
+        else:
             self._break(400, f"malformed request: {e}")
+
+    # An extension method (RFC 9110 9.1: any token): llhttp knows a fixed
+    # list and refuses the rest.  Only then is the request line looked at
+    # here; known methods never come this way (docs/design.md).
+
+    def _extension_found(self) -> bool:
+        """
+        llhttp refused a method: if the request line starts with a valid
+        token, the request's bytes go to L{_feed_extension} instead of the
+        (now dead) parser until its line is whole; else C{False} (400).
+        """
+        if not self._in_message or not self._head_chunks:
+            return False
+        raw = b"".join(self._head_chunks)
+        start = _extension_request_start(raw, len(self._head_chunks[0]))
+        if start is None:
+            return False
+        self._head_chunks = [raw]
+        self._extension_at = start
+        self._feed = self._feed_extension  # type: ignore[method-assign]
+        return True
+
+    def _feed_extension(self, data: bytes) -> None:
+        """
+        Bytes of an extension-method request whose line is not whole yet
+        (dataReceived has added C{data} to C{_head_chunks}).  Once it is,
+        llhttp parses the request under a placeholder method, with a fresh
+        parser, and the real method is put back when its head is complete.
+        """
+        while True:  # a loop, not recursion: a read may hold many such requests
+            raw = b"".join(self._head_chunks)[self._extension_at :]
+            end = raw.find(b"\n")
+            if end < 0:
+                if len(raw) > self.settings.max_header_bytes:
+                    del self._feed
+                    self._break(431, "request headers too large")
+                elif _LINE_PREFIX.match(raw) is None:
+                    del self._feed
+                    self._break(400, "malformed request: invalid method")
+                return
+            del self._feed
+            line = _EXTENSION_LINE.match(raw)
+            if line is None or end + 1 != line.end():
+                self._break(400, "malformed request: invalid request line")
+                return
+            if line.group(2) != b"HTTP":
+                self._break(400, f"unsupported protocol {line.group(2).decode()}")
+                return
+            method = line.group(1)
+            self._in_message = False
+            self.parser = _ExtensionMethodParser(  # type: ignore[assignment]
+                httptools.HttpRequestParser(self), method, self
+            )
+            # What llhttp sees is what the head chunks keep (on_message_begin):
+            # this request's line, there, has the placeholder method.
+            self._chunk = _PLACEHOLDER_METHOD + raw[len(method) :]
+            try:
+                # The placeholder alone first: on_message_begin has then reset
+                # the head's size, which must count this method's length.
+                self.parser.feed_data(_PLACEHOLDER_METHOD)
+                self._header_bytes += len(method)
+                if self._header_bytes > self.settings.max_header_bytes:
+                    self._break(431, "request headers too large")
+                    return
+                self.parser.feed_data(self._chunk[len(_PLACEHOLDER_METHOD) :])
+                return
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+                failed: Exception = e
+            if not isinstance(failed, httptools.HttpParserInvalidMethodError):
+                self._parse_failed(failed)
+                return
+            if not self._extension_found():
+                self._break(400, f"malformed request: {failed}")
+                return
 
     def _break(self, status: int, reason: str) -> None:
         """The byte stream cannot be trusted past this point: answer once, then close."""
@@ -702,7 +886,44 @@ class ClientConnection(Protocol):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
             + body
         )
+        self._log_refused(status, len(body))
         self._lose()
+
+    def _log_refused(self, status: int, sent: int) -> None:
+        """
+        The access line of a request refused before it was forwarded (400,
+        431, 408), as L{Exchange._log} writes them: the method and target
+        when llhttp got that far, else C{-}; the duration counts from when
+        the connection began waiting for this request.
+        """
+        method = target = "-"
+        version = "1.1"
+        if self._url:
+            extension = self._extension_head
+            parser = self.parser
+            if isinstance(parser, _ExtensionMethodParser):
+                raw_method = parser.method
+            elif extension is not None and extension[1] is self._url:
+                raw_method = extension[0]
+            else:
+                raw_method = parser.get_method()
+            method = raw_method.decode("latin-1")
+            target = self._url.decode("latin-1")
+            version = self.parser.get_http_version() or version
+        duration = max(0.0, self.clock.seconds() - self._idle_since) if self._idle_since else 0.0
+        access_log.info(
+            ACCESS_FORMAT,
+            line=f'{self.peer} {self.log_cn} "{method} {target} HTTP/{version}" {status} '
+            f"{sent} {duration:.3f}s",
+            peer=self.peer,
+            cn=self.log_cn,
+            method=method,
+            target=target,
+            version=version,
+            status=status,
+            bytes=sent,
+            duration=duration,
+        )
 
 
 @implementer(IPushProducer)

@@ -5,11 +5,14 @@ backend is down (502) or too slow to answer (504).
 
 from __future__ import annotations
 
+import select
+import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from .harness import free_port
+from .harness import free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +65,57 @@ def test_backend_answering_within_timeout_is_not_cut(start_proxy):
     result = proxy.curl("/slow?delay=1")
     assert result.status == 200, result.describe()
     assert result.body == b"slept 1 s\n"
+
+
+def _connects_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether a non-blocking connect already under way completes within C{seconds}."""
+    _, writable, _ = select.select([], [sock], [], seconds)
+    return bool(writable) and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+@pytest.fixture
+def unanswering_backend() -> Iterator[int]:
+    """
+    The port of a listener that never accepts, its accept queue filled: the
+    kernel then drops further SYNs, so a connect neither succeeds nor is
+    refused, deterministically and without leaving the machine.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+
+    def queue_full() -> bool:
+        filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        fillers.append(filler)
+        filler.connect_ex(("127.0.0.1", port))
+        return not _connects_within(filler, 0.5)
+
+    try:
+        wait_for(queue_full, 15, "the backend's accept queue to fill", interval=0)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_backend_connect_timeout_gives_502(start_proxy, unanswering_backend):
+    """
+    --backend-connect-timeout 1 and a backend whose connects hang: the
+    client gets 502 after about a second (not the 5 s default), the log
+    says why, and the proxy keeps serving.
+    """
+    proxy = start_proxy(
+        "--backend-connect-timeout", "1", backend=f"http://127.0.0.1:{unanswering_backend}"
+    )
+    started = time.monotonic()
+    result = proxy.curl("/echo/connect-timeout")
+    elapsed = time.monotonic() - started
+    assert result.status == 502, result.describe()
+    assert 0.9 <= elapsed < 4.0, f"502 after {elapsed:.2f} s"
+    proxy.wait_for_log(r"backend connect timeout")
+    proxy.wait_for_log(r'"GET /echo/connect-timeout HTTP/1\.1" 502 ')
+    assert proxy.running

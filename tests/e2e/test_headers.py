@@ -139,3 +139,27 @@ def test_hop_by_hop_headers_not_forwarded(shared_stack):
     for value in echo.values("Connection"):
         assert "x-secret-hop" not in value.lower(), value
     assert echo.values("X-End-To-End") == ["kept"]
+
+
+def test_httpoxy_underscored_hop_by_hop_and_client_address_headers_not_forwarded(shared_stack):
+    """
+    Proxy (httpoxy), Proxy_Connection and Keep_Alive (hop-by-hop names
+    spelled with '_'), a bare X-Forwarded and X-Real-IP never reach the backend.
+    """
+    _, proxy = shared_stack
+    sent = [
+        ("Proxy", "http://evil.SPOOF:1"),
+        ("Proxy_Connection", "keep-alive-SPOOF"),
+        ("Keep_Alive", "timeout=5-SPOOF"),
+        ("x-forwarded", "for=SPOOF"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X_Real_IP", "6.6.6.6"),
+        ("X-End-To-End", "kept"),
+    ]
+    with proxy.tls() as conn:
+        echo = conn.request("GET", "/echo/httpoxy", sent).echo()
+    names = {canonical(n) for n in echo.names()}
+    for dropped in ("proxy", "proxy-connection", "keep-alive", "x-forwarded", "x-real-ip"):
+        assert dropped not in names, echo.headers
+    assert not any("SPOOF" in v or "6.6.6.6" in v for _, v in echo.headers), echo.headers
+    assert echo.values("X-End-To-End") == ["kept"]

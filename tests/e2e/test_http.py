@@ -15,16 +15,23 @@ from .harness import build_request, pattern_sha256, write_pattern_file
 
 pytestmark = pytest.mark.e2e
 
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"]
+#: the standard methods, one llhttp knows beyond them (PURGE), and extension
+#: methods it does not know at all (RFC 9110 9.1: any token is a method)
+METHODS = [
+    "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE", "FOOBAR", "BREW", "X-CUSTOM",
+]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_and_body_forwarded(shared_stack, method):
-    """Each method (custom ones too) reaches the backend unchanged, with its body intact."""
+    """
+    Each method, extension methods too, reaches the backend unchanged, with
+    its body intact, and is in the access log.
+    """
     backend, proxy = shared_stack
     body = f"payload for {method}\n".encode() * 100
     args = ["-X", method]
-    if method in ("POST", "PUT", "PATCH"):
+    if method in ("POST", "PUT", "PATCH", "BREW"):
         args += ["--data-binary", body.decode(), "-H", "Content-Type: text/plain"]
     else:
         body = b""
@@ -35,6 +42,17 @@ def test_method_and_body_forwarded(shared_stack, method):
     assert echo.body_sha256 == hashlib.sha256(body).hexdigest()
     assert echo.values("X-Client-Cert-CN") == ["client"]
     proxy.wait_for_log(rf'127\.0\.0\.1:\d+ client "{method} /echo/method/{method} HTTP/1\.1" 200')
+
+
+@pytest.mark.parametrize("method", [b"BRE(W", "BR\u00c9W".encode(), b"BREW\x00"])
+def test_invalid_method_token_gets_400(shared_stack, method):
+    """A method that is not a token (RFC 9110 5.6.2) is refused with 400, nothing forwarded."""
+    backend, proxy = shared_stack
+    before = len(backend.requests())
+    with proxy.tls() as conn:
+        conn.send(method + b" /invalid-method HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.read_response().status == 400
+    assert len(backend.requests()) == before
 
 
 def test_raw_path_and_query_forwarded_exactly(shared_stack):
@@ -172,7 +190,7 @@ def test_ambiguous_framing_rejected(proxy, backend, case):
     """
     A request whose body length is ambiguous or malformed gets 400, the
     connection is closed, nothing reaches the backend, and the refusal is
-    logged with the peer's address.
+    logged with the peer's address, in an access line too.
     """
     with proxy.tls() as conn:
         conn.send(build_request(
@@ -181,7 +199,10 @@ def test_ambiguous_framing_rejected(proxy, backend, case):
         response = conn.read_response()
         assert response.status == 400, response
         assert conn.closed_by_peer(), "connection left open after 400"
-        proxy.wait_for_log(rf"{re.escape(conn.peer)}\b")
+        proxy.wait_for_log(rf"refused {re.escape(conn.peer)}\b")
+        proxy.wait_for_log(
+            rf'{re.escape(conn.peer)} client "POST /echo/smuggle HTTP/1\.1" 400 \d+ \d+\.\d{{3}}s'
+        )
     assert backend.requests() == []
 
 
@@ -197,10 +218,30 @@ def test_headers_above_limit_get_431(start_proxy, backend):
     with proxy.tls() as conn:
         big = conn.request("GET", "/echo/big", [("X-Fill", "b" * 5000)])
         assert big.status == 431
+        proxy.wait_for_log(rf'{re.escape(conn.peer)} client "GET /echo/big HTTP/1\.1" 431 \d+ ')
     with proxy.tls() as conn:
         many = conn.request("GET", "/echo/many", [(f"X-H{i}", "c" * 40) for i in range(100)])
         assert many.status == 431
+        proxy.wait_for_log(rf'{re.escape(conn.peer)} client "GET /echo/many HTTP/1\.1" 431 \d+ ')
     assert [line.split(" ")[1] for line in backend.requests()] == ["/echo/small"]
+
+
+def test_slow_request_head_gets_408_and_an_access_line(start_proxy, backend):
+    """
+    --idle-timeout 1: a head that is not finished in time gets 408, the
+    connection closes, and the access log has the request with its status.
+    """
+    proxy = start_proxy("--idle-timeout", "1")
+    with proxy.tls() as conn:
+        conn.send(b"GET /echo/slow-head HTTP/1.1\r\nHost: localhost\r\n")
+        response = conn.read_response()
+        assert response.status == 408
+        assert conn.closed_by_peer()
+        line = proxy.wait_for_log(
+            rf'{re.escape(conn.peer)} client "GET /echo/slow-head HTTP/1\.1" 408 \d+ (\d+\.\d+)s'
+        )
+    assert float(line.group(1)) >= 0.9
+    assert backend.requests() == []
 
 
 def test_several_requests_on_one_connection(proxy, backend):

@@ -5,7 +5,9 @@ trust anchors can come from PKCS#12 keystore/truststore files.
 
 from __future__ import annotations
 
+import shutil
 import ssl
+import subprocess
 
 import pytest
 
@@ -129,3 +131,27 @@ def test_requested_signature_algorithms_exclude_sha1_sha224_and_dsa(proxy, flag)
     weak = [e for e in requested if e.endswith(("SHA1", "SHA224")) or e.startswith("DSA+")]
     assert weak == [], line
     assert GREETING in output, output
+
+
+def test_truststore_made_by_keytool(start_proxy, pki, tmp_path):
+    """
+    A truststore written by the real keytool (-importcert -storetype PKCS12),
+    as the Java recipe makes it: the daemon trusts its CA end to end.
+    """
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        pytest.skip("keytool (a JDK) is not installed")
+    store = tmp_path / "keytool-truststore.p12"
+    password = "changeit-e2e"
+    subprocess.run(
+        [keytool, "-importcert", "-noprompt", "-storetype", "PKCS12", "-keystore", str(store),
+         "-storepass", password, "-alias", "mtlsproxy-ca", "-file", str(pki.ca_cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    password_file = tmp_path / "keytool-truststore.pass"
+    password_file.write_text(password + "\n")
+    proxy = start_proxy(
+        "--truststore", str(store), "--truststore-password-file", str(password_file), ca=None
+    )
+    assert proxy.curl("/echo/keytool").echo().values("X-Client-Cert-CN") == ["client"]
+    assert proxy.attempt("rogue").refused
