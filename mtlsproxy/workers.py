@@ -247,7 +247,8 @@ class WorkersService(MultiService):
             unused = Factory()
             unused.noisy = False
             self.port = _listen_now(
-                self.reactor, "--listen", with_backlog(self.config.listen), unused
+                self.reactor, "--listen", with_backlog(self.config.listen), unused,
+                written=self.config.listen,
             )
             if self.metrics is not None and self.config.metrics is not None:
                 self.metrics_port = _listen_now(

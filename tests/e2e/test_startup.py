@@ -139,14 +139,19 @@ def test_missing_backend(proxy_args, run_proxy_expect_exit):
     assert_startup_error(result, ["--backend"])
 
 
-def test_port_in_use(proxy_args, run_proxy_expect_exit):
-    """--listen on a port another socket already listens on."""
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "workers"])
+def test_port_in_use(proxy_args, run_proxy_expect_exit, workers):
+    """
+    --listen on a port another socket already listens on; the line shows
+    --listen as written, without the backlog the proxy adds to it.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
         port = holder.getsockname()[1]
-        result = run_proxy_expect_exit(proxy_args(port=port))
+        result = run_proxy_expect_exit(proxy_args(port=port) + workers)
     assert_startup_error(result, ["--listen", str(port)])
+    assert "backlog" not in result[2], result[2]
 
 
 def test_sigterm_exits_zero(proxy):
