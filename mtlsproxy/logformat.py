@@ -43,6 +43,7 @@ from twisted.logger import (
     formatTime,
     globalLogPublisher,
 )
+from twisted.python.compat import ioType
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -354,6 +355,49 @@ def observer_kind(publisher: Any = None) -> str:
         if isinstance(observer, LineObserver):
             return "json" if observer.as_json else "journal"
     return "text"
+
+
+def log_destination(publisher: Any = None) -> Any | None:
+    """
+    The stream the master's log observer writes to, when that is not the
+    standard output or error its workers inherit: twistd's C{--logfile}
+    (also the default C{twistd.log} of a daemon, whose fd 1 is /dev/null).
+    C{None} when the workers can write to the same place themselves.
+
+    Workers do not open the file themselves: twistd rotates it (every 1 MB
+    by default) by renaming, and a worker would go on writing to the old
+    file; nor can they share the master's descriptor, which is not opened
+    for appending.
+    """
+    if publisher is None:
+        publisher = globalLogPublisher
+    for observer in list(getattr(publisher, "_observers", ())):
+        if isinstance(observer, FileLogObserver):
+            out = getattr(observer, "_outFile", None)
+        elif isinstance(observer, LineObserver):
+            out = observer.out
+        else:
+            continue
+        if out is None:
+            continue
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            return out
+        return None if fd in (1, 2) else out
+    return None
+
+
+def relay_lines(out: Any, lines: bytes) -> None:
+    """Write complete lines a worker logged to the master's log stream C{out}, as they are."""
+    try:
+        if ioType(out) is str:
+            out.write(lines.decode("utf-8", "replace"))
+        else:
+            out.write(lines)
+        out.flush()
+    except Exception:
+        pass  # like an observer: logging must never take the master down
 
 
 def worker_observer(kind: str, worker: int, out: IO[str] | None = None) -> ILogObserver:

@@ -170,11 +170,22 @@ class _Worker(ProcessProtocol):
         #: a SIGHUP came before it was accepting: send it when it is
         self.hup_pending = False
         self._buffer = b""
+        #: the unfinished last line of what it wrote on fd 1 and 2, when relayed
+        self._output: dict[int, bytes] = {1: b"", 2: b""}
         self.ended: defer.Deferred[None] = defer.Deferred()
         #: its process id, kept for after it ended (its metric files are named by it)
         self.pid: int | None = None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD in self._output:
+            # Its log, when the master's goes to a file (see _spawn): whole
+            # lines only, so that two workers' lines never interleave.
+            pending = self._output[childFD] + data
+            end = pending.rfind(b"\n") + 1
+            self._output[childFD] = pending[end:]
+            if end and self.master.log_destination is not None:
+                logformat.relay_lines(self.master.log_destination, pending[:end])
+            return
         if childFD != CONTROL_FD:
             return
         self._buffer += data
@@ -183,6 +194,10 @@ class _Worker(ProcessProtocol):
             self.master._report(self, line.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._output.items():
+            if rest and self.master.log_destination is not None:
+                logformat.relay_lines(self.master.log_destination, rest + b"\n")
+            self._output[fd] = b""
         self.master._ended(self, reason)
         self.ended.callback(None)
 
@@ -225,6 +240,9 @@ class WorkersService(MultiService):
         self._reload: _Reload | None = None
         #: the master's log format, which the workers use too (logformat.observer_kind)
         self.log_kind = "text"
+        #: the master's log stream when the workers cannot write there themselves
+        #: (logformat.log_destination): they write to a pipe, the master relays
+        self.log_destination: Any = None
         #: with --metrics: the sum of the workers' files, served by the master
         self.metrics: WorkersMetrics | None = (
             WorkersMetrics() if config.metrics is not None else None
@@ -304,6 +322,7 @@ class WorkersService(MultiService):
         super().startService()
         # twistd began logging before the services start.
         self.log_kind = logformat.observer_kind()
+        self.log_destination = logformat.log_destination()
         if self.metrics is not None:
             # Now, not in privilegedStartService: made by the user the workers
             # run as, after twistd has dropped privileges.
@@ -340,7 +359,14 @@ class WorkersService(MultiService):
             sys.executable,
             [sys.executable, "-m", "mtlsproxy.workers"],
             env=env,
-            childFDs={0: "w", 1: 1, 2: 2, WORKER_FD: self.port.fileno(), CONTROL_FD: "r"},
+            childFDs={
+                0: "w",
+                # Workers write their log where the master's goes: its own
+                # stdout/stderr, or through the master into its log file.
+                **({1: "r", 2: "r"} if self.log_destination is not None else {1: 1, 2: 2}),
+                WORKER_FD: self.port.fileno(),
+                CONTROL_FD: "r",
+            },
         )
         worker.pid = getattr(process, "pid", None)
         self.workers[index] = worker

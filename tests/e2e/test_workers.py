@@ -376,3 +376,29 @@ def test_workers_log_in_the_masters_json_format(launcher: ProxyLauncher, pki) ->
     assert refusals and all(r.get("worker") in (1, 2) for r in refusals), refusals
     accepting = {r["worker"] for r in records if "accepting" in r.get("message", "")}
     assert accepting == {1, 2}
+
+
+def test_workers_log_into_the_masters_log_file(launcher: ProxyLauncher, tmp_path) -> None:
+    """
+    twistd --logfile=FILE: the workers' lines (their start, access lines)
+    are in FILE with the master's, whole, though the workers' standard
+    output is not that file (a daemon's is /dev/null).
+    """
+    log_file = tmp_path / "proxy.log"
+    launcher.command = lambda args: [  # type: ignore[method-assign]
+        str(TWISTD), f"--logfile={log_file}", "-n", "--pidfile=", "mtlsproxy", *args,
+    ]
+    proxy = launcher.start("--workers", "2")
+
+    def text() -> str:
+        return log_file.read_text() if log_file.exists() else ""
+
+    wait_for(lambda: text().count("accepting") == 2, 15, "both workers to log 'accepting'")
+    for i in range(6):
+        with proxy.tls() as conn:
+            assert conn.request("GET", f"/echo/file-{i}").status == 200
+    wait_for(lambda: "/echo/file-5" in text(), 10, "the last access line in the log file")
+    access = [line for line in text().splitlines() if "/echo/file-" in line]
+    assert len(access) == 6, access
+    assert all(re.search(r"\[worker [12]\] ", line) for line in access), access
+    assert "accepting" not in proxy.log_text(), "the workers wrote to stdout, not the file"
