@@ -293,6 +293,8 @@ def _check_toml_type(name: str, kind: str, value: Any, source: str) -> None:
 
 def _number_hint(name: str, kind: str, value: Any) -> str:
     """How the operator surely meant to write a number, when that is clear; else ''."""
+    if name == "min-tls" and isinstance(value, float) and str(value) in ("1.2", "1.3"):
+        return f' (a version is a string: write min-tls = "{value}")'
     if kind not in ("seconds", "count", "depth") or not isinstance(value, str | float):
         return ""
     try:

@@ -180,7 +180,8 @@ TOML_BASE = 'backend = "http://x:1"\ncert = "c"\nkey = "k"\nca = "a"\n'
         ("crl = true", "crl: expected an array of strings (file names), got the TOML boolean true"),
         ("truststore-password-file = 0", "truststore-password-file: expected a string "
          "(a file name), got the TOML integer 0"),
-        ("min-tls = 1.3", "min-tls: expected a string, got the TOML float 1.3"),
+        ("min-tls = 1.3", 'min-tls: expected a string, got the TOML float 1.3 '
+         '(a version is a string: write min-tls = "1.3")'),
         ("metrics = 1979-05-27", "metrics: expected a string, got the TOML date/time 1979-05-27"),
         # lists: arrays of strings
         ("crl = [1]", "crl: expected an array of strings (file names), got the TOML array [1]"),
