@@ -9,6 +9,7 @@ pid of the process that is exec'd (a shell's C{$$} before C{exec twistd}).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -17,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Backend, Pki, Proxy, ProxyLauncher, port_accepts, require, wait_for
+from .harness import (
+    Backend,
+    Pki,
+    Proxy,
+    ProxyLauncher,
+    free_port,
+    port_accepts,
+    require,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -119,3 +129,68 @@ def test_tcp6_listener(
     assert done.returncode == 0, done.stderr
     assert b'"X-Client-Cert-CN"' in done.stdout
     assert b'"::1"' in done.stdout  # X-Forwarded-For is the IPv6 peer
+
+
+def test_shipped_unit_command_line_serves_and_logs_to_the_journal(
+    launcher: ProxyLauncher, pki: Pki, backend: Backend, stop_later: list[subprocess.Popen[bytes]]
+) -> None:
+    """
+    The ExecStart= of etc/systemd/mtlsproxy.service as written (twistd's
+    path and the configuration file's the only changes), with stdout the
+    journal's stream as systemd sets it (JOURNAL_STREAM): it serves, and its
+    lines carry journald priority prefixes instead of twistd's timestamps.
+    """
+    unit = Path(__file__).resolve().parents[2] / "etc" / "systemd" / "mtlsproxy.service"
+    (exec_start,) = [
+        line.split("=", 1)[1]
+        for line in unit.read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    argv = shlex.split(exec_start)
+    assert argv[0] == "/usr/bin/twistd"
+    assert argv[-2:] == ["--config", "/etc/mtlsproxy/mtlsproxy.toml"]
+    port = free_port()
+    config = launcher.workdir / "unit.toml"
+    config.write_text(
+        "\n".join(
+            f"{key} = {value!r}".replace("'", '"')
+            for key, value in {
+                "listen": f"tcp:{port}:interface=127.0.0.1",
+                "backend": backend.url,
+                "cert": str(pki.server_cert),
+                "key": str(pki.server_key),
+                "ca": str(pki.ca_cert),
+            }.items()
+        )
+        + "\n"
+    )
+    command = [launcher.command([])[0], *argv[1:-1], str(config)]
+    log = launcher.workdir / "unit.log"
+    log.touch()
+    stat = log.stat()
+    with open(log, "r+b") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=launcher.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**launcher.environment(), "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"},
+            start_new_session=True,
+        )
+    stop_later.append(proc)
+    wait_for(lambda: proc.poll() is not None or port_accepts(port), 15, "the unit's proxy")
+    assert proc.poll() is None, log.read_text()
+    proxy = Proxy(proc, port, log, [], pki)
+    with proxy.tls() as conn:
+        assert conn.request("GET", "/echo/unit").status == 200
+    assert proxy.attempt(None).refused
+    wait_for(lambda: "certificate required" in log.read_text(), 10, "the refusal line")
+    lines = log.read_text().splitlines()
+    access = [line for line in lines if "/echo/unit" in line]
+    assert len(access) == 1 and access[0].startswith("<6>"), lines
+    refusal = [line for line in lines if "certificate required" in line]
+    assert refusal and all(re.match(r"<\d>", line) for line in refusal), lines
+    assert not any(re.match(r"<\d>\d{4}-\d\d-\d\dT", line) for line in lines), lines
+    proc.terminate()
+    assert proc.wait(15) == 0, log.read_text()
