@@ -37,7 +37,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -55,6 +62,11 @@ from .config import Backend
 from .http.backend import backend_endpoint
 
 log = Logger("mtlsproxy.metrics")
+
+# Every counter and histogram would otherwise carry a *_created series, the
+# time the process made it: noise on /metrics that no dashboard reads, and
+# with --workers one per worker.  Prometheus itself does not need them.
+disable_created_metrics()
 
 #: The handshake refusal reasons that get their own label value, in the words
 #: of the interface; anything else is counted as C{"other"}.
