@@ -84,3 +84,65 @@ def test_backend_addresses_need_no_resolver() -> None:
     endpoint.connect(Factory())
     host, port, _factory, timeout, _bind = reactor.tcpClients[-1]
     assert (host, port, timeout) == ("::1", 8080, 5.0)
+
+
+def test_idle_pooled_connections_close_after_the_pool_idle_timeout(
+    client_cert: Any,  # noqa: F811
+) -> None:
+    """
+    A pooled connection idle for POOL_IDLE_TIMEOUT is closed by the proxy;
+    one used again in the meantime is kept, its idle time counted afresh.
+    """
+    from mtlsproxy.http.backend import POOL_IDLE_TIMEOUT
+
+    h = Harness(client_cert)
+    h.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    first = h.backend
+    h.clock.advance(POOL_IDLE_TIMEOUT / 2)
+    h.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(h.endpoint.connections) == 1  # reused, not timed out
+    h.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    h.clock.advance(POOL_IDLE_TIMEOUT - 1)
+    assert not first.transport.disconnecting  # idle for less than the timeout since /2
+    h.clock.advance(1)
+    assert first.transport.disconnecting
+    assert not h.pool._idle
+    assert all(call.func != h.pool._close_expired for call in h.clock.getDelayedCalls())
+
+
+def test_pool_sweep_closes_oldest_first_with_one_timer() -> None:
+    """
+    Connections released 10 s apart close 10 s apart, oldest first, with one
+    pending timer at a time (not one per request).
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mtlsproxy.config import Backend
+    from mtlsproxy.http.backend import POOL_IDLE_TIMEOUT, BackendConnection, BackendPool
+
+    clock = Clock()
+    pool = BackendPool(clock, Backend(url="http://127.0.0.1:80", host="127.0.0.1", port=80), 5.0)
+    conns = []
+    for _ in range(3):
+        conn = BackendConnection(pool)
+        conn.makeConnection(StringTransport())
+        conn.reusable = True
+        conns.append(conn)
+    for conn in conns:
+        pool.release(conn)
+        clock.advance(10)
+
+    def sweeps() -> int:
+        return sum(1 for c in clock.getDelayedCalls() if c.func == pool._close_expired)
+
+    assert sweeps() == 1
+    clock.advance(POOL_IDLE_TIMEOUT - 30)  # the first was released 30 s ago
+    assert [c.transport.disconnecting for c in conns] == [True, False, False]
+    assert sweeps() == 1
+    clock.advance(10)
+    assert [c.transport.disconnecting for c in conns] == [True, True, False]
+    clock.advance(10)
+    assert all(c.transport.disconnecting for c in conns)
+    assert sweeps() == 0

@@ -30,7 +30,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -119,6 +119,8 @@ class BackendConnection(Protocol):
         self.received = False
         self.connected = False
         self.used = 0
+        #: when it last went back to the pool (BackendPool.release)
+        self.idle_since = 0.0
         #: the client's corked TLS transport: held while a read from the
         #: backend is handled, uncorked after it (see http/transport.py)
         self.client_cork: ClientCork | None = None
@@ -379,11 +381,18 @@ def backend_endpoint(reactor: Any, backend: Backend, timeout: float) -> IStreamC
     return TCP4ClientEndpoint(reactor, str(address), backend.port, timeout=timeout)
 
 
+#: seconds an idle pooled backend connection is kept (nginx's upstream keepalive_timeout)
+POOL_IDLE_TIMEOUT = 60.0
+
+
 class BackendPool:
     """
     Keep-alive connections to one backend, handed out one exchange at a time.
 
-    Idle connections are kept up to C{max_idle}; one that the backend closes
+    Idle connections are kept up to C{max_idle}, and for at most
+    C{idle_timeout} seconds: a burst of traffic must not leave hundreds of
+    sockets open on a backend that keeps them as long as it is asked to
+    (each can hold a thread or a worker there).  One that the backend closes
     while idle simply leaves the pool.
     """
 
@@ -394,11 +403,16 @@ class BackendPool:
         connect_timeout: float,
         max_idle: int = 256,
         endpoint: IStreamClientEndpoint | None = None,
+        idle_timeout: float = POOL_IDLE_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self.backend = backend
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
+        self._sweep: IDelayedCall | None = None
+        #: most recently released at the right: acquire takes from there, the
+        #: sweep closes from the left, so neither searches
         self._idle: deque[BackendConnection] = deque()
         self._endpoint = endpoint or backend_endpoint(reactor, backend, connect_timeout)
         self._factory = Factory.forProtocol(lambda: BackendConnection(self))
@@ -434,9 +448,28 @@ class BackendPool:
     def release(self, conn: BackendConnection) -> None:
         """Give back a connection whose exchange is complete."""
         if conn.reusable and conn.connected and len(self._idle) < self._max_idle:
+            conn.idle_since = self._reactor.seconds()
             self._idle.append(conn)
+            if self._sweep is None:
+                self._sweep = self._reactor.callLater(self._idle_timeout, self._close_expired)
         elif conn.connected:
             conn.transport.loseConnection()
+
+    def _close_expired(self) -> None:
+        """
+        Close the connections idle for C{idle_timeout}, oldest first, and wake
+        up again when the next one is due: one timer per pool, not per request.
+        """
+        self._sweep = None
+        idle = self._idle
+        due = self._reactor.seconds() - self._idle_timeout
+        while idle and idle[0].idle_since <= due:
+            conn = idle.popleft()
+            if conn.connected:
+                conn.transport.loseConnection()
+        if idle:
+            wait = max(0.0, idle[0].idle_since - due)
+            self._sweep = self._reactor.callLater(wait, self._close_expired)
 
     def _lost(self, conn: BackendConnection) -> None:
         self.open_connections -= 1
@@ -447,6 +480,9 @@ class BackendPool:
 
     def close_idle(self) -> None:
         """Close every idle connection (at shutdown)."""
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         while self._idle:
             self._idle.pop().transport.loseConnection()
 
