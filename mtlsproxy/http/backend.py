@@ -58,6 +58,17 @@ class BackendExchange(TypingProtocol):
 
     def backend_failed(self, reason: str, response_started: bool) -> None: ...
 
+    def backend_switched(self, reason: bytes, headers: Headers, rest: bytes) -> None:
+        """The backend accepted an upgrade (101); C{rest}: what followed its head."""
+
+
+class TunnelSink(TypingProtocol):
+    """Where a connection that switched protocols sends what it reads, and its end."""
+
+    def tunnel_data(self, data: bytes) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
+
 
 #: A response head (status line and fields) or trailer section larger than
 #: this, or with more field lines, is refused with 502: llhttp sets no limit of
@@ -119,6 +130,12 @@ class BackendConnection(Protocol):
         self.received = False
         self.connected = False
         self.used = 0
+        #: the current exchange asked for a protocol upgrade (a 101 may answer it)
+        self._upgrade = False
+        #: the head of a 101 answering it, until llhttp stops at its end
+        self._switch: tuple[bytes, Headers] | None = None
+        #: after a 101: where the raw bytes read go (see L{tunnel})
+        self._sink: TunnelSink | None = None
         #: when it last went back to the pool (BackendPool.release)
         self.idle_since = 0.0
         #: the client's corked TLS transport: held while a read from the
@@ -163,8 +180,17 @@ class BackendConnection(Protocol):
                 failure = "internal error while handling the backend response"
         except httptools.HttpParserError as e:
             failure = f"invalid HTTP response from backend: {e}"
-        except httptools.HttpParserUpgrade:  # pragma: no cover - 101 is refused first
-            failure = "invalid HTTP response from backend: protocol switch"
+        except httptools.HttpParserUpgrade as e:
+            switch, self._switch = self._switch, None
+            exchange = self._exchange
+            if switch is not None and exchange is not None:
+                # llhttp stops at the end of a 101's head: what follows in
+                # this read is the new protocol's, for the client.
+                self._exchange = None
+                self._response_started = True
+                exchange.backend_switched(switch[0], switch[1], data[e.args[0] :])
+                return
+            failure = "invalid HTTP response from backend: protocol switch"  # pragma: no cover
         done, self._done = self._done, None
         if done is not None:
             # The response is complete, and only now, with llhttp done with
@@ -182,6 +208,10 @@ class BackendConnection(Protocol):
         self.connected = False
         self.reusable = False
         self._pool._lost(self)
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.tunnel_closed()
+            return
         exchange = self._exchange
         if exchange is None:
             return
@@ -204,9 +234,15 @@ class BackendConnection(Protocol):
         head: bytes,
         method: bytes,
         client_cork: ClientCork | None = None,
+        upgrade: bool = False,
     ) -> None:
-        """Begin an exchange: send the request head; the body follows through L{write}."""
+        """
+        Begin an exchange: send the request head; the body follows through
+        L{write}.  C{upgrade}: the request asks for a protocol switch, so a
+        101 answer is accepted (and the connection then leaves HTTP for good).
+        """
         self._exchange = exchange
+        self._upgrade = upgrade
         self._parser = httptools.HttpResponseParser(self)
         self._head_request = method == b"HEAD"
         self._response_started = False
@@ -229,8 +265,27 @@ class BackendConnection(Protocol):
     def abandon(self) -> None:
         """The client side gave up on this exchange: the connection is in an unknown state."""
         self._exchange = None
+        self._sink = None
         self.reusable = False
         self.transport.abortConnection()
+
+    def tunnel(self, sink: TunnelSink, rest: bytes) -> None:
+        """
+        After a 101: every byte read from now on (C{rest} first, what came
+        with the 101's head) goes to C{sink} as is, and the end of the
+        connection too.  The connection is never reused.
+        """
+        self._sink = sink
+        self._parser = None
+        self.reusable = False
+        self.dataReceived = sink.tunnel_data  # type: ignore[method-assign]
+        if rest:
+            sink.tunnel_data(rest)
+
+    def end_tunnel(self) -> None:
+        """The client side of a tunnel ended: close after what was written to the backend."""
+        self._sink = None
+        self.transport.loseConnection()
 
     def pause_reading(self) -> None:
         self.transport.pauseProducing()
@@ -286,7 +341,13 @@ class BackendConnection(Protocol):
             raise BackendProtocolError(f"invalid status code {status}")
         if 100 <= status < 200:
             if status == 101:
-                raise BackendProtocolError("101 Switching Protocols, which was not asked for")
+                if not self._upgrade:
+                    raise BackendProtocolError("101 Switching Protocols, which was not asked for")
+                if not parser.should_upgrade():
+                    raise BackendProtocolError("101 without Upgrade and Connection: upgrade")
+                self._switch = (self._reason, self._headers)
+                self._headers = []
+                return
             exchange.backend_informational(status, self._reason, self._headers)
             return
         headers = self._headers

@@ -10,6 +10,7 @@ the proxy adds afterwards.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from ..identity import reserved_extra_names
@@ -124,3 +125,34 @@ def response_headers_for_client(
         if lower != b"content-length" and not _is_hop_by_hop(lower, normal, connection):
             kept.append((name, value))
     return kept
+
+
+#: RFC 9110 7.8: protocol = protocol-name ["/" protocol-version], both tokens
+_PROTOCOL = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?")
+
+
+def upgrade_protocols(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """
+    The protocols of every C{Upgrade} field, checked and joined (C{websocket},
+    C{h2c, foo/2}); C{None} without any.  Raises C{ValueError} for anything
+    that is not a list of RFC 9110 protocols: the value is forwarded on a hop
+    where the proxy writes the field itself, so only what was checked goes.
+    """
+    protocols: list[bytes] = []
+    seen = False
+    for name, value in headers:
+        if name.lower() != b"upgrade":
+            continue
+        seen = True
+        for element in value.split(b","):
+            element = element.strip(b" \t")
+            if not element:
+                continue
+            if not _PROTOCOL.fullmatch(element):
+                raise ValueError(f"invalid Upgrade protocol {element.decode('latin-1')!r}")
+            protocols.append(element)
+    if not seen:
+        return None
+    if not protocols:
+        raise ValueError("empty Upgrade header")
+    return b", ".join(protocols)

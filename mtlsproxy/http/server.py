@@ -64,6 +64,7 @@ from .headers import (
     normalise,
     request_headers_for_backend,
     response_headers_for_client,
+    upgrade_protocols,
 )
 
 log = Logger("mtlsproxy")
@@ -143,6 +144,7 @@ class Request:
         "host_generated",
         "connection",
         "host",
+        "upgrade",
     )
 
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers) -> None:
@@ -163,6 +165,8 @@ class Request:
         self.connection: frozenset[bytes] = frozenset()
         #: the Host value forwarded (the client's, the target's authority, or made up)
         self.host = b""
+        #: the checked protocols of an upgrade request (forwarded as Upgrade), else None
+        self.upgrade: bytes | None = None
 
     @property
     def body_pending(self) -> bool:
@@ -335,6 +339,10 @@ class ClientConnection(Protocol):
         self._extension_at = 0
         #: (method, target) of the last extension-method request, for the refusal's access line
         self._extension_head: tuple[bytes, bytes] | None = None
+        #: the upgrade request llhttp is about to stop at, and the bytes the
+        #: client sent after its head, held until the backend answers it
+        self._upgrading: Request | None = None
+        self._held: list[bytes] = []
 
     # -- connection life --------------------------------------------------
 
@@ -563,7 +571,19 @@ class ClientConnection(Protocol):
 
     def _parse_failed(self, e: Exception) -> None:
         """What llhttp stopped at: an upgrade, a refusal of ours, or malformed input."""
-        if isinstance(e, httptools.HttpParserUpgrade):
+        if isinstance(e, httptools.HttpParserUpgrade) and self._upgrading is not None:
+            # An upgrade request that will be forwarded as one: what follows
+            # its head is the new protocol's (a first WebSocket frame, say),
+            # held for the backend should it switch, and nothing more is
+            # read until it answers (see Exchange.backend_switched).
+            if self.parsing is not None:
+                self._body_complete(self.parsing)
+            rest = self._chunk[e.args[0] :]
+            if rest:
+                self._held.append(rest)
+            self.dataReceived = self._hold_upgrade  # type: ignore[method-assign]
+            self.pause("upgrade")
+        elif isinstance(e, httptools.HttpParserUpgrade):
             # The head was complete and has been queued without its Upgrade
             # header; what follows is not HTTP, so the connection ends with
             # this request.
@@ -587,6 +607,23 @@ class ClientConnection(Protocol):
             self._feed_extension(b"")
         else:
             self._break(400, f"malformed request: {e}")
+
+    def _hold_upgrade(self, data: bytes) -> None:
+        """Client bytes after an upgrade request's head, before the backend's answer."""
+        if not self.closing and not self.closed:
+            self._held.append(data)
+
+    def start_tunnel(self, exchange: Exchange) -> list[bytes]:
+        """
+        The backend switched protocols: from now on every byte the client
+        sends goes to C{exchange} unparsed.  Returns the bytes held since
+        the request's head.
+        """
+        held, self._held = self._held, []
+        self.dataReceived = exchange.tunnel_from_client  # type: ignore[method-assign]
+        self._cancel_stall()
+        self.resume("upgrade")
+        return held
 
     # An extension method (RFC 9110 9.1: any token): llhttp knows a fixed
     # list and refuses the rest.  Only then is the request line looked at
@@ -783,10 +820,25 @@ class ClientConnection(Protocol):
             raise _BadRequest("CONNECT is not supported")
         if not asterisk_form_allowed(request.method, request.target):
             raise _BadRequest("asterisk-form target (*) with a method other than OPTIONS")
-        if upgrade and (request.chunked or request.content_length):
-            # llhttp ends an Upgrade request at its head: a declared body would
-            # reach the backend as the start of the next request.
-            raise _BadRequest("Upgrade request with a body")
+        if upgrade:
+            if request.chunked or request.content_length:
+                # llhttp ends an Upgrade request at its head: a declared body
+                # would reach the backend as the start of the next request.
+                raise _BadRequest("Upgrade request with a body")
+            if (
+                b"upgrade" in tokens
+                and version == b"1.1"
+                and request.method == b"GET"
+                and parser.should_upgrade()
+            ):
+                # Forwarded as an upgrade (WebSocket): with the checked
+                # protocol list only, and never followed by another request.
+                try:
+                    request.upgrade = upgrade_protocols(request.headers)
+                except ValueError as e:
+                    raise _BadRequest(str(e)) from None
+                request.keep_alive = False
+                self._upgrading = request
         self._in_message = False
         self.parsing = request
         self.queue.append(request)
@@ -1005,6 +1057,10 @@ class Exchange:
         self._timeout: IDelayedCall | None = None
         self._client_producer: _PauseBackend | None = None
         self._backend_producer: _PauseClient | None = None
+        #: the backend switched protocols: bytes pass both ways unparsed
+        self.tunnelling = False
+        self._last_activity = 0.0
+        self._tunnel_timer: IDelayedCall | None = None
 
     @property
     def pool(self) -> BackendPool:
@@ -1084,6 +1140,8 @@ class Exchange:
         parts.append(b"X-Forwarded-Proto: https\r\n")
         if host and not request.host_generated:
             parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
+        if request.upgrade is not None:
+            parts += [b"Connection: upgrade\r\nUpgrade: ", request.upgrade, b"\r\n"]
         if request.content_length is not None:
             parts.append(b"Content-Length: %d\r\n" % request.content_length)
         elif request.chunked:
@@ -1094,7 +1152,9 @@ class Exchange:
     def _attach(self, conn: BackendConnection) -> None:
         self.backend = conn
         request = self.request
-        conn.start(self, self._head(), request.method, self.client.cork)
+        conn.start(
+            self, self._head(), request.method, self.client.cork, request.upgrade is not None
+        )
         self._backend_producer = _PauseClient(self.client)
         conn.transport.registerProducer(self._backend_producer, True)
         self._client_producer = _PauseBackend(self)
@@ -1158,7 +1218,9 @@ class Exchange:
         self.client.transport.abortConnection()
 
     def client_lost(self) -> None:
-        if not self.finished:
+        if self.tunnelling:
+            self._end_tunnel()
+        elif not self.finished:
             self.finished = True
             self._cancel_timeout()
             self._drop_backend()
@@ -1247,9 +1309,13 @@ class Exchange:
         self._detach()
         if backend is not None:
             length = self.request.content_length
-            if self.request.body_pending or (
-                length is not None and self.body_forwarded != length
+            if (
+                self.request.body_pending
+                or (length is not None and self.body_forwarded != length)
+                or self.request.upgrade is not None
             ):
+                # (An upgrade request's connection never serves another:
+                # the backend may have begun switching.)
                 # The backend did not get exactly the body it was promised:
                 # whatever it reads next on this connection would be off.
                 backend.reusable = False
@@ -1285,6 +1351,89 @@ class Exchange:
             self.pool.connect().addCallbacks(self._connected, self._connect_failed)
             return
         self._respond_error(502, reason)
+
+    # -- after a 101: a tunnel (TunnelSink) ---------------------------------
+
+    def backend_switched(self, reason: bytes, headers: Headers, rest: bytes) -> None:
+        """
+        The backend accepted the upgrade: relay its 101 with the protocol it
+        chose, then pass bytes both ways until either side ends.  The
+        producers registered at _attach stay, so each side still pauses the
+        other.  The access line is written once, when the tunnel ends.
+        """
+        self._cancel_timeout()
+        self.response_started = True
+        self.status = 101
+        client = self.client
+        backend = self.backend
+        assert backend is not None
+        parts = [_status_line(101, _sanitise_reason(reason))]
+        for name, value in response_headers_for_client(headers, connection_tokens(headers)):
+            parts += [name, b": ", value, b"\r\n"]
+        parts.append(b"Connection: upgrade\r\n")
+        for name, value in headers:
+            if name.lower() == b"upgrade":
+                parts += [b"Upgrade: ", value, b"\r\n"]
+        parts.append(b"\r\n")
+        client.transport.writeSequence(parts)
+        self.tunnelling = True
+        self._last_activity = client.clock.seconds()
+        self._tunnel_timer = client.clock.callLater(
+            client.settings.idle_timeout, self._tunnel_idle
+        )
+        for chunk in client.start_tunnel(self):
+            backend.write(chunk)
+        backend.tunnel(self, rest)
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes from the backend, for the client."""
+        if self.finished:
+            return
+        self.bytes_sent += len(data)
+        self._last_activity = self.client.clock.seconds()
+        self.client.transport.write(data)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        """Bytes from the client, for the backend."""
+        backend = self.backend
+        if self.finished or backend is None:
+            return
+        self._last_activity = self.client.clock.seconds()
+        backend.write(data)
+
+    def tunnel_closed(self) -> None:
+        """The backend ended the tunnel."""
+        self.backend = None
+        self._end_tunnel()
+
+    def _tunnel_idle(self) -> None:
+        self._tunnel_timer = None
+        if self.finished:
+            return
+        client = self.client
+        idle = client.settings.idle_timeout
+        remaining = self._last_activity + idle - client.clock.seconds()
+        if remaining > 0:
+            self._tunnel_timer = client.clock.callLater(remaining, self._tunnel_idle)
+            return
+        log.info("closing {peer}: upgraded connection idle", peer=client.peer)
+        self._end_tunnel()
+
+    def _end_tunnel(self) -> None:
+        """Close both sides after what was written, once; log the exchange as 101."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._tunnel_timer is not None and self._tunnel_timer.active():
+            self._tunnel_timer.cancel()
+        self._tunnel_timer = None
+        self._detach()
+        backend, self.backend = self.backend, None
+        if backend is not None and backend.connected:
+            backend.end_tunnel()
+        self._log(101)
+        if not self.client.closed:
+            self.client.exchange_done(False)
 
     def _replayable(self) -> bool:
         request = self.request
