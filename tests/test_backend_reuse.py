@@ -11,12 +11,12 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 
-from .test_forwarding import Harness, client_cert  # noqa: F401 - client_cert is a fixture
+from .test_forwarding import Harness
 
 FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
 
 
-def test_connection_out_of_step_while_idle_is_not_handed_out(client_cert: Any) -> None:  # noqa: F811
+def test_connection_out_of_step_while_idle_is_not_handed_out(client_cert: Any) -> None:
     """
     Stray bytes on an idle pooled connection close it, but the close completes
     later; a request arriving in between must get a new connection.
@@ -33,7 +33,7 @@ def test_connection_out_of_step_while_idle_is_not_handed_out(client_cert: Any) -
     assert b"GET /2 " in h.backend_received(1)
 
 
-def test_rest_of_a_read_never_answers_a_pipelined_request(client_cert: Any) -> None:  # noqa: F811
+def test_rest_of_a_read_never_answers_a_pipelined_request(client_cert: Any) -> None:
     """
     A response and stray bytes in one read, with the client's next request
     already queued: the next request goes to a new connection, and the stray
@@ -87,7 +87,7 @@ def test_backend_addresses_need_no_resolver() -> None:
 
 
 def test_idle_pooled_connections_close_after_the_pool_idle_timeout(
-    client_cert: Any,  # noqa: F811
+    client_cert: Any,
 ) -> None:
     """
     A pooled connection idle for POOL_IDLE_TIMEOUT is closed by the proxy;

@@ -18,14 +18,11 @@ from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from mtlsproxy.config import Backend
 from mtlsproxy.http.backend import BackendPool
 from mtlsproxy.http.server import ClientConnection, ProxyFactory, ProxySettings
-
-from . import certfactory
 
 SETTINGS = ProxySettings(
     handshake_timeout=10,
@@ -104,12 +101,6 @@ class FakeEndpoint:
             self._attach(proto)
             d.callback(proto)
         self.pending = []
-
-
-@pytest.fixture(scope="module")
-def client_cert() -> Any:
-    ca = certfactory.make_ca()
-    return certfactory.make_client(ca, "alice").cert
 
 
 class Harness:
@@ -814,20 +805,6 @@ def test_protocol_names_in_bodies_and_headers_are_not_mistaken_for_request_lines
 
 
 # -- extension methods (RFC 9110 9.1: any token) ------------------------------
-
-
-@pytest.fixture
-def access_lines() -> Any:
-    """The C{line} of every access-log event while the test runs."""
-    lines: list[str] = []
-
-    def observe(event: Any) -> None:
-        if event.get("log_namespace") == "mtlsproxy.access":
-            lines.append(event["line"])
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.mark.parametrize(
