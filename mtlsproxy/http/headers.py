@@ -155,4 +155,17 @@ def upgrade_protocols(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
         return None
     if not protocols:
         raise ValueError("empty Upgrade header")
+    for protocol in protocols:
+        if protocol.lower() not in TUNNELLED_PROTOCOLS:
+            raise ValueError(
+                f"upgrade to {protocol.decode('latin-1')!r} is not proxied (only websocket)"
+            )
     return b", ".join(protocols)
+
+
+#: The protocols a client may switch to through the proxy.  Not h2c above all:
+#: a backend that accepts it then reads HTTP/2 requests straight from the
+#: client, past the proxy's access rules and identity headers ("h2c
+#: smuggling", Bishop Fox 2020).  Envoy also tunnels only the upgrade types
+#: it is configured for.
+TUNNELLED_PROTOCOLS = frozenset({b"websocket"})

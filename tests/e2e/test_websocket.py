@@ -113,3 +113,23 @@ def test_rule_refusing_the_path_refuses_the_upgrade(
     with proxy.tls("client") as conn:  # other paths still upgrade
         conn.send(upgrade_request(conn, "/open", key))
         assert read_head(conn)[0] == b"HTTP/1.1 101 Switching Protocols"
+
+
+def test_h2c_upgrade_is_refused_and_never_reaches_the_backend(
+    launcher: ProxyLauncher, ws_backend: WebSocketBackend
+) -> None:
+    """
+    Upgrade: h2c would let a backend that accepts it read HTTP/2 requests
+    straight from the client, past the proxy ("h2c smuggling"): 400.
+    """
+    proxy = launcher.start(backend=ws_backend.url)
+    with proxy.tls("client") as conn:
+        conn.send(
+            f"GET / HTTP/1.1\r\nHost: {conn.host}\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".encode()
+        )
+        response = conn.read_response()
+        assert response.status == 400
+        assert conn.closed_by_peer()
+    assert ws_backend.heads == []
+    proxy.wait_for_log(r"upgrade to 'h2c' is not proxied")
