@@ -176,6 +176,21 @@ def test_101_without_upgrade_header_is_502(client_cert: Any) -> None:
     assert h.client_received().startswith(b"HTTP/1.1 502 ")
 
 
+@pytest.mark.parametrize("protocol", [b"h2c", b"websocket, h2c", b"foo"])
+def test_101_to_a_protocol_not_asked_for_is_502(client_cert: Any, protocol: bytes) -> None:
+    """RFC 9110 7.8: the backend may only switch to what the client asked for (websocket)."""
+    h = Harness(client_cert)
+    h.send(UPGRADE)
+    h.respond(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + protocol
+        + b"\r\nConnection: Upgrade\r\n\r\nPRI * HTTP/2.0"
+    )
+    received = h.client_received()
+    assert received.startswith(b"HTTP/1.1 502 ")
+    assert b"PRI" not in received
+    assert h.backend.transport.disconnecting
+
+
 def test_pooled_connection_serves_an_upgrade_and_is_never_pooled_again(client_cert: Any) -> None:
     """The upgrade may use a pooled connection; after the tunnel the pool holds none."""
     h = Harness(client_cert)

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Backend
+from .headers import TUNNELLED_PROTOCOLS, upgrade_protocols
 from .transport import no_delay, send_now
 
 log = Logger()
@@ -345,6 +346,17 @@ class BackendConnection(Protocol):
                     raise BackendProtocolError("101 Switching Protocols, which was not asked for")
                 if not parser.should_upgrade():
                     raise BackendProtocolError("101 without Upgrade and Connection: upgrade")
+                try:
+                    switched = upgrade_protocols(self._headers)
+                except ValueError as e:
+                    raise BackendProtocolError(f"101 with {e}") from None
+                if switched is None or switched.lower() not in TUNNELLED_PROTOCOLS:
+                    # RFC 9110 7.8: the protocol switched to is one the client
+                    # asked for, and the client may only ask for websocket.
+                    raise BackendProtocolError(
+                        f"101 switching to {(switched or b'').decode('latin-1')!r}, "
+                        "not websocket"
+                    )
                 self._switch = (self._reason, self._headers)
                 self._headers = []
                 return
