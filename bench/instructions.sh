@@ -12,18 +12,10 @@
 set -euo pipefail
 MODE=${1:-ka}
 N=${2:-2000}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-for tool in valgrind ab curl; do
-    command -v "$tool" >/dev/null || { echo "bench/instructions.sh: needs $tool" >&2; exit 2; }
-done
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
-"$VENV/bin/mtlsproxy" pki init "$WORK/pki" >/dev/null
-cat "$WORK/pki/client-cert.pem" "$WORK/pki/client-key.pem" > "$WORK/client.pem"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BACKEND_PORT=$(free_port)
-python3 "$REPO/bench/backend.py" --port "$BACKEND_PORT" >/dev/null 2>&1 &
+NAME=bench/instructions.sh
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_setup valgrind ab curl
 
 run() {  # run N_REQUESTS: the proxy's total instruction count
     local n=$1 port
@@ -35,12 +27,7 @@ run() {  # run N_REQUESTS: the proxy's total instruction count
         --cert "$WORK/pki/server-cert.pem" --key "$WORK/pki/server-key.pem" \
         --ca "$WORK/pki/ca-cert.pem" > "$WORK/proxy.log" 2>&1 &
     local pid=$!
-    for _ in $(seq 600); do
-        curl -s -o /dev/null --cacert "$WORK/pki/ca-cert.pem" --cert "$WORK/pki/client-cert.pem" \
-            --key "$WORK/pki/client-key.pem" --resolve "localhost:$port:127.0.0.1" \
-            "https://localhost:$port/" && break
-        sleep 0.5
-    done
+    wait_for_proxy "$port" 3000  # valgrind starts the proxy slowly
     if [ "$n" -gt 0 ]; then
         local keepalive=-k
         [ "$MODE" = new ] && keepalive=

@@ -9,28 +9,15 @@
 set -euo pipefail
 ROUNDS=${1:-5}
 N=${2:-30000}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-for tool in ab curl; do
-    command -v "$tool" >/dev/null || { echo "bench/quick_ab.sh: needs $tool" >&2; exit 2; }
-done
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
-"$VENV/bin/mtlsproxy" pki init "$WORK/pki" >/dev/null
-cat "$WORK/pki/client-cert.pem" "$WORK/pki/client-key.pem" > "$WORK/client.pem"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BACKEND_PORT=$(free_port)
+NAME=bench/quick_ab.sh
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_setup ab curl
 PROXY_PORT=$(free_port)
-python3 "$REPO/bench/backend.py" --port "$BACKEND_PORT" >/dev/null 2>&1 &
 "$VENV/bin/twistd" -n --pidfile= mtlsproxy --listen "tcp:$PROXY_PORT:interface=127.0.0.1" \
     --backend "http://127.0.0.1:$BACKEND_PORT" --cert "$WORK/pki/server-cert.pem" \
     --key "$WORK/pki/server-key.pem" --ca "$WORK/pki/ca-cert.pem" > "$WORK/proxy.log" 2>&1 &
-for _ in $(seq 100); do
-    curl -s -o /dev/null --cacert "$WORK/pki/ca-cert.pem" --cert "$WORK/pki/client-cert.pem" \
-        --key "$WORK/pki/client-key.pem" --resolve "localhost:$PROXY_PORT:127.0.0.1" \
-        "https://localhost:$PROXY_PORT/" && break
-    sleep 0.1
-done
+wait_for_proxy "$PROXY_PORT" 100
 
 rate() {  # rate URL [ab options]: requests/s, or the failure
     local url=$1 out
